@@ -1,0 +1,112 @@
+"""The tagging engine: both models and the vocabulary, built once, predicting batches."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from inference.classifier import Classifier
+from inference.detector import Detector, DetectorLoadError
+from inference.fusion import Calibration, ScoredTag, fuse
+from inference.vocabulary import Vocabulary
+
+log = logging.getLogger(__name__)
+
+
+class ModelError(RuntimeError):
+    """The models failed on one image; carried in that image's result slot."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    detector_weights: Path
+    classifier_weights: Path | None = None
+    device: str = "auto"
+    detector_image_size: int = 640
+    detector_min_confidence: float = 0.25
+    torch_threads: int | None = None
+    calibration: Calibration = field(default_factory=Calibration)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class TaggingEngine:
+    """`predict(batch)` gives one result per image: its tags, or the `ModelError` it raised."""
+
+    def __init__(
+        self,
+        vocabulary: Vocabulary,
+        classifier: Classifier,
+        detector: Detector,
+        calibration: Calibration,
+    ) -> None:
+        self.vocabulary = vocabulary
+        self.classifier = classifier
+        self.detector = detector
+        self.calibration = calibration
+        self.detector_keys = _detector_keys(detector.names.values(), vocabulary)
+
+    @classmethod
+    def build(cls, config: EngineConfig) -> TaggingEngine:
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        device = resolve_device(config.device)
+        vocabulary = Vocabulary.load()
+        classifier = Classifier(config.classifier_weights, device)
+        detector = Detector(
+            config.detector_weights,
+            device,
+            config.detector_image_size,
+            config.detector_min_confidence,
+        )
+        engine = cls(vocabulary, classifier, detector, config.calibration)
+        engine.warm_up()
+        log.info("models ready on %s (detector %s)", device, config.detector_weights)
+        return engine
+
+    def warm_up(self) -> None:
+        """Runs one image through both models so the first request does not pay for lazy setup."""
+        self.predict([Image.new("RGB", (64, 64), (127, 127, 127))])
+
+    def predict(self, images: list[Image.Image]) -> list[list[ScoredTag] | ModelError]:
+        try:
+            return self._predict_batch(images)
+        except Exception:
+            if len(images) == 1:
+                log.exception("model failure on a single image")
+                return [ModelError("the model failed to process this image")]
+        # One image that breaks the batch must not fail its neighbours: retry them one by one.
+        results: list[list[ScoredTag] | ModelError] = []
+        for image in images:
+            results.extend(self.predict([image]))
+        return results
+
+    def _predict_batch(self, images: list[Image.Image]) -> list[list[ScoredTag]]:
+        probabilities = self.classifier.predict(images)
+        boxes = self.detector.predict(images)
+        return [
+            fuse(self.vocabulary, p, b, self.detector_keys, self.calibration)
+            for p, b in zip(probabilities, boxes)
+        ]
+
+
+def _detector_keys(class_names, vocabulary: Vocabulary) -> dict[str, str]:
+    """Maps the detector's class names ("hair drier") onto tag keys ("hair_drier")."""
+    keys = {}
+    for name in class_names:
+        key = name.strip().lower().replace(" ", "_")
+        if key not in vocabulary.tags:
+            raise DetectorLoadError(
+                f"detector class {name!r} has no entry in the tag vocabulary; "
+                "only COCO-80 detectors are supported"
+            )
+        keys[name] = key
+    return keys

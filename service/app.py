@@ -1,0 +1,117 @@
+"""Builds the FastAPI application and its state, once, from Settings and an inference client."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from inference.client import InferenceClient
+from service.errors import InternalError, InvalidParameter, RouteNotFound, ServiceError, status_and_code
+from service.routes import health, tagging
+from service.settings import Settings
+from service.tagging import TaggingLimits, TaggingService
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
+def create_app(settings: Settings, inference: InferenceClient) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Load in the background so /healthz answers at once and /readyz says when we are ready.
+        loading = asyncio.create_task(inference.start())
+        loading.add_done_callback(_log_load_failure)
+        try:
+            yield
+        finally:
+            loading.cancel()
+            await inference.close()
+
+    app = FastAPI(
+        title="imagetag",
+        summary="Self-hosted, drop-in image tagging API",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.inference = inference
+    app.state.tagging = TaggingService(inference, TaggingLimits.from_settings(settings))
+    app.include_router(tagging.router)
+    app.include_router(health.router)
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def _log_load_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("loading the models failed: %s", task.exception())
+
+
+def error_response(error: ServiceError) -> JSONResponse:
+    status, code = status_and_code(error)
+    return JSONResponse(
+        {"error_code": code, "error_msg": error.message}, status_code=status, headers=error.headers
+    )
+
+
+async def _service_error(request: Request, error: ServiceError) -> JSONResponse:
+    return error_response(error)
+
+
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    if error.status_code in (404, 405):
+        return error_response(RouteNotFound(f"no API at {request.method} {request.url.path}"))
+    log.warning("unexpected HTTP error %s: %s", error.status_code, error.detail)
+    return error_response(InternalError("unexpected error"))
+
+
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    return error_response(InvalidParameter(f"invalid request: {error.errors()[0]['msg']}"))
+
+
+class RequestIdMiddleware:
+    """Tags every response with an `X-Request-Id`, and turns any escaped exception into the
+    contract's AIS.0506 envelope (Starlette's own fallback would answer in plain text)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (REQUEST_ID_HEADER.lower().encode(), request_id.encode()),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error in request %s", request_id)
+            if started:
+                raise
+            response = error_response(InternalError(f"internal error; request id {request_id}"))
+            await response(scope, receive, send_with_id)

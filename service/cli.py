@@ -1,0 +1,187 @@
+"""The `imagetag` command: serve the API, tag local files, manage weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from service.settings import Settings
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+_TAG_BATCH = 8
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    settings = Settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return args.run(args, settings)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imagetag", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the HTTP API (settings from IMAGETAG_* variables)")
+    serve.add_argument("--host", help="address to listen on (IMAGETAG_HOST)")
+    serve.add_argument("--port", type=int, help="port to listen on (IMAGETAG_PORT)")
+    serve.add_argument("--certfile", type=Path, help="TLS certificate (PEM): serve HTTPS")
+    serve.add_argument("--keyfile", type=Path, help="TLS private key (PEM)")
+    serve.set_defaults(run=_serve)
+
+    tag = commands.add_parser("tag", help="tag image files or folders; one JSON line per image")
+    tag.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    tag.add_argument("--lang", choices=("zh", "en"), default="zh")
+    tag.add_argument("--threshold", type=float, default=60.0, help="0..100 (default 60)")
+    tag.add_argument("--limit", type=int, default=50, help="1..150 (default 50)")
+    tag.set_defaults(run=_tag)
+
+    weights = commands.add_parser("weights", help="official weights: list or fetch")
+    weights_commands = weights.add_subparsers(required=True, metavar="ACTION")
+    weights_commands.add_parser("list", help="show the manifest").set_defaults(run=_weights_list)
+    fetch = weights_commands.add_parser("fetch", help="download and verify weights by name")
+    fetch.add_argument("name")
+    fetch.add_argument("--dir", type=Path, help="destination (default IMAGETAG_WEIGHTS_DIR)")
+    fetch.set_defaults(run=_weights_fetch)
+    return parser
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from inference.client import LocalInference
+    from service.app import create_app
+
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "tls_certfile": args.certfile,
+        "tls_keyfile": args.keyfile,
+    }
+    settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    if bool(settings.tls_certfile) != bool(settings.tls_keyfile):
+        print("imagetag: HTTPS needs both a certificate and a key", file=sys.stderr)
+        return 2
+    app = create_app(settings, LocalInference(lambda: _build_engine(settings)))
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ssl_certfile=settings.tls_certfile,
+        ssl_keyfile=settings.tls_keyfile,
+        log_level=settings.log_level,
+    )
+    return 0
+
+
+def _build_engine(settings: Settings):
+    from inference.engine import EngineConfig, TaggingEngine
+
+    return TaggingEngine.build(
+        EngineConfig(
+            detector_weights=settings.detector_weights,
+            classifier_weights=settings.classifier_weights,
+            device=settings.device,
+            detector_image_size=settings.detector_image_size,
+            detector_min_confidence=settings.detector_min_confidence,
+            torch_threads=settings.torch_threads,
+        )
+    )
+
+
+def _tag(args: argparse.Namespace, settings: Settings) -> int:
+    from tqdm import tqdm
+
+    from inference.detector import DetectorLoadError
+    from inference.engine import ModelError
+    from service.errors import ServiceError, status_and_code
+    from service.images import ImageRules, load_image
+    from service.tagging import render
+
+    if not 0 <= args.threshold <= 100 or not 1 <= args.limit <= 150:
+        print("imagetag: --threshold must be 0..100 and --limit 1..150", file=sys.stderr)
+        return 2
+    files = list(_image_files(args.paths))
+    if not files:
+        print("imagetag: no JPG, PNG, BMP or WEBP files found", file=sys.stderr)
+        return 2
+    try:
+        engine = _build_engine(settings)
+    except DetectorLoadError as error:
+        print(f"imagetag: {error}", file=sys.stderr)
+        return 1
+    rules = ImageRules(settings.min_image_side, settings.max_image_side)
+    failures = 0
+    with tqdm(total=len(files), unit="image", disable=len(files) < 2, file=sys.stderr) as progress:
+        for start in range(0, len(files), _TAG_BATCH):
+            batch, images = files[start : start + _TAG_BATCH], []
+            lines: dict[Path, dict] = {}
+            for path in batch:
+                try:
+                    images.append((path, load_image(path.read_bytes(), rules)))
+                except ServiceError as error:
+                    lines[path] = _error_line(path, status_and_code(error)[1], error.message)
+                except OSError as error:
+                    lines[path] = _error_line(path, "AIS.0506", f"cannot read file: {error.strerror}")
+            results = engine.predict([image for _, image in images]) if images else []
+            for (path, _), result in zip(images, results):
+                if isinstance(result, ModelError):
+                    lines[path] = _error_line(path, "AIS.0505", str(result))
+                    continue
+                response = render(result, language=args.lang, threshold=args.threshold, limit=args.limit)
+                lines[path] = {"file": str(path), **response.model_dump()}
+            for path in batch:
+                failures += "error_code" in lines[path]
+                print(json.dumps(lines[path], ensure_ascii=False), flush=True)
+            progress.update(len(batch))
+    return 1 if failures else 0
+
+
+def _error_line(path: Path, code: str, message: str) -> dict:
+    return {"file": str(path), "error_code": code, "error_msg": message}
+
+
+def _image_files(paths: list[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            yield path
+
+
+def _weights_list(args: argparse.Namespace, settings: Settings) -> int:
+    from service.weights import read_manifest
+
+    for entry in read_manifest(settings.weights_dir / "manifest.toml").values():
+        present = "present" if (settings.weights_dir / entry.file).exists() else "-"
+        print(f"{entry.name:20} {entry.kind:10} {entry.license:12} {present:8} {entry.description}")
+    return 0
+
+
+def _weights_fetch(args: argparse.Namespace, settings: Settings) -> int:
+    from tqdm import tqdm
+
+    from service.weights import FetchError, fetch, read_manifest
+
+    manifest = read_manifest(settings.weights_dir / "manifest.toml")
+    entry = manifest.get(args.name)
+    if entry is None:
+        print(f"imagetag: no weights named {args.name!r}; known: {', '.join(manifest)}", file=sys.stderr)
+        return 2
+    directory = args.dir or settings.weights_dir
+    with tqdm(total=entry.size, unit="B", unit_scale=True, desc=entry.name, file=sys.stderr) as bar:
+        try:
+            path = fetch(entry, directory, progress=bar.update)
+        except FetchError as error:
+            bar.close()
+            print(f"imagetag: {error}", file=sys.stderr)
+            return 1
+    print(f"{path} verified (sha256 {entry.file_sha256 or entry.sha256}, licence {entry.license})")
+    return 0

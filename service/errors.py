@@ -1,0 +1,84 @@
+"""The error catalogue: every failure a client can see, as data.
+
+Domain code raises one of the exceptions below with a message written for the caller; the
+handlers in `service.app` look the exception type up in `CATALOGUE` to find the HTTP status and
+the vendor's `error_code`, and answer with the one error envelope
+`{"error_code": ..., "error_msg": ...}`.
+
+    ServiceError
+     ├── InvalidJson           400 AIS.0014   body is not a JSON object
+     ├── UnknownField          400 AIS.0012
+     ├── InvalidParameter      400 AIS.0501   missing/both image and url, bad type, range, base64
+     ├── UnsupportedImage      400 AIS.0502   bytes are not JPG/PNG/BMP/WEBP
+     ├── CorruptImage          400 AIS.0503   supported format that fails to decode
+     ├── ImageSizeInvalid      400 AIS.0504   size rules broken (also a too-large download)
+     ├── UrlNotAllowed         400 ModelArts.4601
+     ├── DownloadFailed        400 ModelArts.4603
+     ├── BodyTooLarge          413 APIG.0201
+     ├── MissingCredentials    401 ModelArts.4101
+     ├── InvalidCredentials    401 APIG.0301
+     ├── ProjectForbidden      403 ModelArts.4203
+     ├── RouteNotFound         404 APIG.0101
+     ├── RateLimited           429 APIG.0308
+     ├── ModelFailed           500 AIS.0505
+     ├── InternalError         500 AIS.0506
+     └── Overloaded            503 AIS.0506
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error a client may see; `message` becomes `error_msg`."""
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class InvalidJson(ServiceError): ...
+class UnknownField(ServiceError): ...
+class InvalidParameter(ServiceError): ...
+class UnsupportedImage(ServiceError): ...
+class CorruptImage(ServiceError): ...
+class ImageSizeInvalid(ServiceError): ...
+class UrlNotAllowed(ServiceError): ...
+class DownloadFailed(ServiceError): ...
+class BodyTooLarge(ServiceError): ...
+class MissingCredentials(ServiceError): ...
+class InvalidCredentials(ServiceError): ...
+class ProjectForbidden(ServiceError): ...
+class RouteNotFound(ServiceError): ...
+class RateLimited(ServiceError): ...
+class ModelFailed(ServiceError): ...
+class InternalError(ServiceError): ...
+class Overloaded(ServiceError): ...
+
+
+CATALOGUE: dict[type[ServiceError], tuple[int, str]] = {
+    InvalidJson: (400, "AIS.0014"),
+    UnknownField: (400, "AIS.0012"),
+    InvalidParameter: (400, "AIS.0501"),
+    UnsupportedImage: (400, "AIS.0502"),
+    CorruptImage: (400, "AIS.0503"),
+    ImageSizeInvalid: (400, "AIS.0504"),
+    UrlNotAllowed: (400, "ModelArts.4601"),
+    DownloadFailed: (400, "ModelArts.4603"),
+    BodyTooLarge: (413, "APIG.0201"),
+    MissingCredentials: (401, "ModelArts.4101"),
+    InvalidCredentials: (401, "APIG.0301"),
+    ProjectForbidden: (403, "ModelArts.4203"),
+    RouteNotFound: (404, "APIG.0101"),
+    RateLimited: (429, "APIG.0308"),
+    ModelFailed: (500, "AIS.0505"),
+    InternalError: (500, "AIS.0506"),
+    Overloaded: (503, "AIS.0506"),
+}
+
+
+def status_and_code(error: ServiceError) -> tuple[int, str]:
+    for cls in type(error).__mro__:
+        if cls in CATALOGUE:
+            return CATALOGUE[cls]
+    return CATALOGUE[InternalError]

@@ -1,0 +1,92 @@
+"""Turning request bytes into a checked RGB image, refusing bad input before decoding pixels."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import CorruptImage, ImageSizeInvalid, InvalidParameter, UnsupportedImage
+
+# Magic numbers of the accepted formats, checked before PIL sees the bytes so that the many
+# other formats PIL can read (TIFF, GIF, PSD, ...) never reach a decoder.
+_SIGNATURES = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"BM": "BMP",
+}
+
+
+@dataclass(frozen=True)
+class ImageRules:
+    min_side: int
+    max_side: int
+
+
+def decode_base64(text: str, max_bytes: int) -> bytes:
+    if len(text) > max_bytes:
+        raise ImageSizeInvalid(
+            f"image: base64 text is {len(text)} bytes, more than the {max_bytes}-byte limit"
+        )
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    # Line breaks are common (PHP's chunk_split, MIME encoders) and carry no data.
+    compact = "".join(text.split())
+    try:
+        return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidParameter("image: not valid base64") from None
+
+
+def sniff_format(data: bytes) -> str:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    for signature, name in _SIGNATURES.items():
+        if data.startswith(signature):
+            return name
+    raise UnsupportedImage("the image is not a JPG, PNG, BMP or WEBP file")
+
+
+def load_image(data: bytes, rules: ImageRules) -> Image.Image:
+    """Decoded, EXIF-upright RGB pixels; raises the catalogue's image errors."""
+    image_format = sniff_format(data)
+    try:
+        image = Image.open(io.BytesIO(data), formats=[image_format])
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise CorruptImage(f"the {image_format} image cannot be decoded") from None
+    _check_size(image.size, rules)  # from the header alone: no pixel has been decoded yet
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+        raise CorruptImage(f"the {image_format} image is truncated or corrupt") from None
+    try:
+        image = ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError):
+        pass  # a broken EXIF block is no reason to refuse otherwise good pixels
+    return _to_rgb(image)
+
+
+def _check_size(size: tuple[int, int], rules: ImageRules) -> None:
+    width, height = size
+    if min(width, height) < rules.min_side or max(width, height) > rules.max_side:
+        raise ImageSizeInvalid(
+            f"the image is {width}x{height} px; the shortest side must be at least "
+            f"{rules.min_side} px and the longest at most {rules.max_side} px"
+        )
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        pixels = np.asarray(image, dtype=np.float32)
+        top = 65535.0 if pixels.max(initial=0) > 255 else 255.0
+        image = Image.fromarray((pixels * (255.0 / top)).clip(0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels would turn black; white is what a viewer would show behind them.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")

@@ -1,0 +1,20 @@
+"""Liveness and readiness, for load balancers and Kubernetes probes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="The process is up (models may still be loading)")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="The models are loaded and requests can be served")
+async def readyz(request: Request) -> JSONResponse:
+    if request.app.state.inference.ready:
+        return JSONResponse({"status": "ready"})
+    return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})

