@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-# Ultralytics otherwise tries to pip-install missing runtimes and phones home: neither belongs in
-# a server, and neither works offline. Set before ultralytics is first imported.
+# Ultralytics otherwise tries to pip-install missing runtimes, phones home, and logs to stdout
+# (where `imagetag tag` writes its JSON lines). Set before ultralytics is first imported.
 os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 os.environ.setdefault("YOLO_OFFLINE", "true")
+os.environ.setdefault("YOLO_VERBOSE", "false")
 
 
 class DetectorLoadError(RuntimeError):

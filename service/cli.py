@@ -185,3 +185,7 @@ def _weights_fetch(args: argparse.Namespace, settings: Settings) -> int:
             return 1
     print(f"{path} verified (sha256 {entry.file_sha256 or entry.sha256}, licence {entry.license})")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

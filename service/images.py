@@ -56,12 +56,16 @@ def load_image(data: bytes, rules: ImageRules) -> Image.Image:
     image_format = sniff_format(data)
     try:
         image = Image.open(io.BytesIO(data), formats=[image_format])
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        raise ImageSizeInvalid(
+            f"the image declares far more pixels than {rules.max_side}x{rules.max_side}"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise CorruptImage(f"the {image_format} image cannot be decoded") from None
     _check_size(image.size, rules)  # from the header alone: no pixel has been decoded yet
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+    except (OSError, SyntaxError, ValueError, EOFError):
         raise CorruptImage(f"the {image_format} image is truncated or corrupt") from None
     try:
         image = ImageOps.exif_transpose(image)

@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -159,8 +160,9 @@ class TestServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
+    def __init__(self, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> None:
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, 0), Handler)
         self.tls = tls
         self.stop = threading.Event()
         self.seen: list[tuple[str, str | None]] = []
@@ -183,6 +185,7 @@ class TestServer(ThreadingHTTPServer):
         return f"{scheme}://{host}:{self.server_port}{path}"
 
 
+@contextmanager
 def running(server: TestServer) -> Iterator[TestServer]:
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -197,7 +200,8 @@ def running(server: TestServer) -> Iterator[TestServer]:
 
 @pytest.fixture
 def server() -> Iterator[TestServer]:
-    yield from running(TestServer())
+    with running(TestServer()) as live:
+        yield live
 
 
 @dataclass
@@ -235,7 +239,8 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 def tls_server(certs: Certs) -> Iterator[TestServer]:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(certs.cert, certs.key)
-    yield from running(TestServer(tls=context))
+    with running(TestServer(tls=context)) as live:
+        yield live
 
 
 @pytest.fixture
@@ -248,14 +253,14 @@ def trust_test_ca(certs: Certs, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def connects(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
-    """Every TCP connect the code under test makes; only 127.0.0.1 is really dialled."""
+    """Every TCP connect the code under test makes; only loopback is really dialled."""
     made: list[tuple[str, int]] = []
     real_connect = socket.socket.connect
 
     def connect(sock: socket.socket, address: Any) -> None:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             made.append((address[0], address[1]))
-            if address[0] != "127.0.0.1":
+            if address[0] not in ("127.0.0.1", "::1"):
                 raise ConnectionRefusedError(f"test refuses to dial {address[0]}")
         real_connect(sock, address)
 
@@ -309,6 +314,17 @@ def test_allow_listed_loopback_is_fetched(server: TestServer) -> None:
 
 def test_host_header_is_the_original_host(server: TestServer) -> None:
     assert fetch(server.url("/echo-host")) == f"127.0.0.1:{server.server_port}".encode()
+
+
+def test_ipv6_literal_is_fetched_with_a_bracketed_host_header() -> None:
+    try:
+        server = TestServer(host="::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with running(server) as live:
+        allowed = (ipaddress.ip_network("::1/128"),)
+        body = fetch(f"http://[::1]:{live.server_port}/echo-host", allowed_networks=allowed)
+        assert body == f"[::1]:{live.server_port}".encode()
 
 
 def test_chunked_body_is_decoded(server: TestServer) -> None:

@@ -1,0 +1,76 @@
+"""The real models on real photos."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from inference.detector import Detector, DetectorLoadError
+from inference.engine import ModelError
+from tests.conftest import PHOTOS, SHARED_WEIGHTS, ultralytics_asset
+
+
+def rgb(path: Path) -> Image.Image:
+    return Image.open(path).convert("RGB")
+
+
+def test_classifier_is_confident_on_a_cat(engine):
+    probabilities = engine.classifier.predict([rgb(PHOTOS / "cat_chelsea.jpg")])[0]
+    top = int(np.argmax(probabilities))
+    assert "cat" in engine.vocabulary.ancestors[engine.vocabulary.imagenet[top]]
+    assert probabilities[top] > 0.4
+    cat_classes = [i for i, key in enumerate(engine.vocabulary.imagenet) if "cat" in engine.vocabulary.ancestors[key]]
+    assert probabilities[cat_classes].sum() > 0.7
+
+
+def test_bus_photo_has_a_bus_and_four_people(engine):
+    (tags,) = engine.predict([rgb(ultralytics_asset("bus.jpg"))])
+    found = {t.tag.key: t for t in tags}
+    assert found["bus"].confidence > 0.6
+    assert len(found["bus"].instances) == 1
+    assert len(found["person"].instances) >= 4
+    width, height = 810, 1080
+    for box in found["person"].instances:
+        assert 0 <= box.x < width and 0 <= box.y < height
+        assert box.x + box.width <= width + 1 and box.y + box.height <= height + 1
+
+
+def test_batch_gives_each_image_its_own_tags(engine):
+    images = [rgb(PHOTOS / name) for name in ("cat_chelsea.jpg", "bus.jpg", "coffee.jpg")]
+    batched = engine.predict(images)
+    single = [engine.predict([image])[0] for image in images]
+    for together, alone in zip(batched, single):
+        assert [t.tag.key for t in together[:3]] == [t.tag.key for t in alone[:3]]
+        for a, b in zip(together[:3], alone[:3]):
+            assert a.confidence == pytest.approx(b.confidence, abs=0.02)
+
+
+def test_one_bad_image_does_not_fail_its_neighbours(engine):
+    good = rgb(PHOTOS / "cat_chelsea.jpg")
+    broken = Image.new("L", (64, 64))  # one channel: the classifier cannot take it
+    results = engine.predict([good, broken, good])
+    assert isinstance(results[1], ModelError)
+    assert [t.tag.key for t in results[0][:3]] == [t.tag.key for t in results[2][:3]]
+    assert "cat" in {t.tag.key for t in results[0]}
+
+
+def test_tflite_export_detects_the_same_things(engine):
+    import torch
+
+    detector = Detector(SHARED_WEIGHTS / "yolov8n_int8.tflite", torch.device("cpu"), 640, 0.25)
+    boxes = detector.predict([rgb(ultralytics_asset("bus.jpg")), rgb(ultralytics_asset("zidane.jpg"))])
+    assert {b.class_name for b in boxes[0]} >= {"bus", "person"}
+    assert sum(b.class_name == "person" for b in boxes[0]) >= 4
+    assert sum(b.class_name == "person" for b in boxes[1]) == 2
+
+
+def test_missing_or_broken_weights_fail_clearly(tmp_path):
+    import torch
+
+    with pytest.raises(DetectorLoadError, match="not found"):
+        Detector(tmp_path / "nope.pt", torch.device("cpu"), 640, 0.25)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(DetectorLoadError, match="cannot load"):
+        Detector(junk, torch.device("cpu"), 640, 0.25)
