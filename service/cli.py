@@ -82,18 +82,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _build_engine(settings: Settings):
-    from inference.engine import EngineConfig, TaggingEngine
+    from inference.engine import TaggingEngine
 
-    return TaggingEngine.build(
-        EngineConfig(
-            detector_weights=settings.detector_weights,
-            classifier_weights=settings.classifier_weights,
-            device=settings.device,
-            detector_image_size=settings.detector_image_size,
-            detector_min_confidence=settings.detector_min_confidence,
-            torch_threads=settings.torch_threads,
-        )
-    )
+    return TaggingEngine.build(settings.engine_config())
 
 
 def _tag(args: argparse.Namespace, settings: Settings) -> int:

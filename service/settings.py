@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from inference.engine import EngineConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,6 +71,18 @@ class Settings(BaseSettings):
         for network in value:
             ipaddress.ip_network(network, strict=False)
         return value
+
+    def engine_config(self) -> EngineConfig:
+        from inference.engine import EngineConfig
+
+        return EngineConfig(
+            detector_weights=self.detector_weights,
+            classifier_weights=self.classifier_weights,
+            device=self.device,
+            detector_image_size=self.detector_image_size,
+            detector_min_confidence=self.detector_min_confidence,
+            torch_threads=self.torch_threads,
+        )
 
     def allowed_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         return tuple(ipaddress.ip_network(n, strict=False) for n in self.url_allowed_networks)

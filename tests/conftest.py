@@ -48,7 +48,9 @@ class RunningServer:
         return self.base_url + path
 
 
-def start_server(tmp_dir: Path, *args: str, env: dict[str, str] | None = None, wait_ready: bool = True) -> RunningServer:
+def start_server(
+    tmp_dir: Path, *args: str, env: dict[str, str] | None = None, ca_cert: Path | None = None
+) -> RunningServer:
     port = free_port()
     scheme = "https" if "--certfile" in args else "http"
     log = tmp_dir / f"server-{port}.log"
@@ -68,18 +70,21 @@ def start_server(tmp_dir: Path, *args: str, env: dict[str, str] | None = None, w
         cwd=REPO,
     )
     server = RunningServer(process, f"{scheme}://127.0.0.1:{port}", log, log_handle)
-    if wait_ready:
-        wait_until_ready(server)
+    try:
+        wait_until_ready(server, verify=str(ca_cert) if ca_cert else True)
+    except Exception:
+        stop_server(server)
+        raise
     return server
 
 
-def wait_until_ready(server: RunningServer, timeout_s: float = 180) -> None:
+def wait_until_ready(server: RunningServer, verify: str | bool = True, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             raise RuntimeError(f"server exited: {server.log.read_text()[-3000:]}")
         try:
-            if requests.get(server.url("/readyz"), timeout=2, verify=False).status_code == 200:
+            if requests.get(server.url("/readyz"), timeout=2, verify=verify).status_code == 200:
                 return
         except requests.ConnectionError:
             pass
