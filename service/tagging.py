@@ -12,7 +12,7 @@ from inference.engine import ModelError
 from inference.fusion import ScoredTag
 from service.errors import ModelFailed, Overloaded
 from service.images import ImageRules, decode_base64, load_image
-from service.protocol import (
+from service.protocol.tagging import (
     BoundingBox,
     I18nText,
     TaggingRequest,

@@ -9,7 +9,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Request
 
 from service.errors import BodyTooLarge, InvalidJson, InvalidParameter
-from service.protocol import ErrorBody, TaggingRequest, TaggingResponse
+from service.protocol.common import ErrorBody
+from service.protocol.tagging import TaggingRequest, TaggingResponse
 from service.tagging import TaggingService
 
 router = APIRouter(tags=["image tagging"])

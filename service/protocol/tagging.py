@@ -90,8 +90,3 @@ class TaggingResult(BaseModel):
 
 class TaggingResponse(BaseModel):
     result: TaggingResult
-
-
-class ErrorBody(BaseModel):
-    error_code: str
-    error_msg: str
