@@ -7,6 +7,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,8 +16,12 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inference.client import InferenceClient
+from service.assembly import Backends
+from service.auth.authenticator import Authenticator
 from service.errors import InternalError, InvalidParameter, RouteNotFound, ServiceError, status_and_code
-from service.routes import health, tagging
+from service.gate import Gate, Limits
+from service.iam import IamService
+from service.routes import health, iam, tagging
 from service.settings import Settings
 from service.tagging import TaggingLimits, TaggingService
 
@@ -25,7 +30,7 @@ log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "X-Request-Id"
 
 
-def create_app(settings: Settings, inference: InferenceClient) -> FastAPI:
+def create_app(settings: Settings, inference: InferenceClient, backends: Backends) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Load in the background so /healthz answers at once and /readyz says when we are ready.
@@ -36,6 +41,7 @@ def create_app(settings: Settings, inference: InferenceClient) -> FastAPI:
         finally:
             loading.cancel()
             await inference.close()
+            await backends.close()
 
     app = FastAPI(
         title="imagetag",
@@ -43,10 +49,32 @@ def create_app(settings: Settings, inference: InferenceClient) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
+    gate = Gate(
+        backends.limiter,
+        Limits(
+            rate_per_s=settings.rate_limit_per_s,
+            burst=settings.rate_limit_burst,
+            max_concurrent_per_project=settings.max_concurrent_per_project,
+            login_per_minute=settings.login_attempts_per_minute,
+        ),
+    )
+    iam_enabled = settings.auth_mode == "iam"
     app.state.settings = settings
     app.state.inference = inference
+    app.state.gate = gate
     app.state.tagging = TaggingService(inference, TaggingLimits.from_settings(settings))
+    app.state.authenticator = (
+        Authenticator(
+            backends.store,
+            clock_skew=timedelta(seconds=settings.clock_skew_s),
+            trusted_proxies=settings.proxy_networks(),
+        )
+        if iam_enabled
+        else None
+    )
+    app.state.iam = IamService(backends.store, gate, timedelta(seconds=settings.token_ttl_s)) if iam_enabled else None
     app.include_router(tagging.router)
+    app.include_router(iam.router)
     app.include_router(health.router)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(HTTPException, _http_error)

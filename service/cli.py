@@ -58,6 +58,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from inference.client import LocalInference
     from service.app import create_app
+    from service.assembly import ConfigurationError, build_backends
 
     overrides = {
         "host": args.host,
@@ -69,7 +70,17 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if bool(settings.tls_certfile) != bool(settings.tls_keyfile):
         print("imagetag: HTTPS needs both a certificate and a key", file=sys.stderr)
         return 2
-    app = create_app(settings, LocalInference(lambda: _build_engine(settings)))
+    try:
+        backends = build_backends(settings)
+    except ConfigurationError as error:
+        print(f"imagetag: {error}", file=sys.stderr)
+        return 2
+    if settings.auth_mode == "none":
+        logging.getLogger("imagetag").warning(
+            "IMAGETAG_AUTH_MODE=none: every request is accepted without credentials; "
+            "use this only on a trusted network"
+        )
+    app = create_app(settings, LocalInference(lambda: _build_engine(settings)), backends)
     uvicorn.run(
         app,
         host=settings.host,

@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -27,8 +27,33 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=1, le=65535)
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
-    auth_mode: Literal["none"] = "none"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Identity and access
+    auth_mode: Literal["iam", "none"] = Field(
+        "iam", description="iam: tokens and AK/SK required; none: every request accepted (trusted networks only)"
+    )
+    data_dir: Path = Field(PROJECT_ROOT / "data", description="the embedded identity store and master key live here")
+    redis_url: str | None = Field(
+        None, description="shared Redis for identities, tokens and rate limits; unset: embedded, in-process"
+    )
+    redis_timeout_s: float = Field(0.5, gt=0, description="bound on every Redis call")
+    master_key: SecretStr | None = Field(
+        None, description="encrypts secret keys at rest; required with Redis, generated under data_dir otherwise"
+    )
+    token_ttl_s: int = Field(24 * 3600, ge=60)
+    clock_skew_s: int = Field(15 * 60, ge=0, description="accepted X-Sdk-Date skew")
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated CIDRs of proxies whose X-Forwarded-Host is the signed Host",
+    )
+
+    # Rate limits (per project and per access key; projects may override)
+    rate_limit_per_s: float = Field(20.0, gt=0)
+    rate_limit_burst: int = Field(40, ge=1)
+    max_concurrent_per_project: int = Field(10, ge=1)
+    rate_limit_fail_open: bool = Field(False, description="allow requests when Redis is unreachable")
+    login_attempts_per_minute: float = Field(10.0, gt=0, description="per user and per client address")
 
     # Models
     weights_dir: Path = PROJECT_ROOT / "weights"
@@ -58,14 +83,14 @@ class Settings(BaseSettings):
         description="comma-separated CIDRs the downloader may reach despite being private or loopback",
     )
 
-    @field_validator("url_allowed_networks", mode="before")
+    @field_validator("url_allowed_networks", "trusted_proxies", mode="before")
     @classmethod
     def _split_networks(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("url_allowed_networks")
+    @field_validator("url_allowed_networks", "trusted_proxies")
     @classmethod
     def _valid_networks(cls, value: list[str]) -> list[str]:
         for network in value:
@@ -84,5 +109,15 @@ class Settings(BaseSettings):
             torch_threads=self.torch_threads,
         )
 
-    def allowed_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-        return tuple(ipaddress.ip_network(n, strict=False) for n in self.url_allowed_networks)
+    def allowed_networks(self) -> tuple[IPNetwork, ...]:
+        return _networks(self.url_allowed_networks)
+
+    def proxy_networks(self) -> tuple[IPNetwork, ...]:
+        return _networks(self.trusted_proxies)
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(cidrs: list[str]) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)

@@ -59,6 +59,8 @@ def start_server(
         "IMAGETAG_DETECTOR_WEIGHTS": str(DETECTOR_WEIGHTS),
         "IMAGETAG_URL_ALLOWED_NETWORKS": "127.0.0.1/32",
         "IMAGETAG_TORCH_THREADS": "2",
+        "IMAGETAG_AUTH_MODE": "none",
+        "IMAGETAG_DATA_DIR": str(tmp_dir / f"data-{port}"),
         **(env or {}),
     }
     log_handle = log.open("wb")

@@ -1,0 +1,231 @@
+"""Dynamic micro-batching: concurrent `tag` calls share one model call.
+
+A caller enqueues one `Job` per image and awaits its future. One loop takes jobs off a bounded
+queue with `collate`, runs `engine.predict` on the single model thread, and hands each job its
+own result. While one batch runs, the next one collects. Jobs whose caller has gone, or whose
+deadline has passed, are dropped before they reach the models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from inference.client import DeadlineExceeded, InferenceClosed, QueueFull, TagResult
+from inference.engine import ModelError, TaggingEngine
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 8
+    max_wait_s: float = 0.01
+    max_queue: int = 64
+    default_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """One batch, as plain numbers for the metrics exporter."""
+
+    size: int
+    queue_wait_s: tuple[float, ...]  # per job: enqueued -> sent to the models
+    model_s: float
+    queue_depth: int  # jobs still queued when the batch was sent
+
+
+@dataclass(eq=False)
+class Job:
+    image: Image.Image
+    deadline: float  # absolute, on the same clock as `collate`'s
+    future: asyncio.Future[TagResult]
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+def _admit(job: Job, batch: list[Job], now: float) -> None:
+    if job.future.done():  # cancelled: the caller has gone
+        return
+    if job.deadline <= now:
+        job.future.set_exception(DeadlineExceeded("the deadline passed while the request was queued"))
+        return
+    batch.append(job)
+
+
+def take_ready(queue: asyncio.Queue[Job], batch: list[Job], max_batch_size: int, clock: Clock) -> None:
+    """Adds jobs already queued to `batch`, without waiting, up to `max_batch_size`."""
+    while len(batch) < max_batch_size and not queue.empty():
+        _admit(queue.get_nowait(), batch, clock())
+
+
+async def collate(
+    queue: asyncio.Queue[Job],
+    max_batch_size: int,
+    max_wait_s: float,
+    clock: Clock = time.monotonic,
+) -> list[Job]:
+    """Waits for a live job, then gathers more until `max_batch_size` or `max_wait_s` after it.
+
+    Cancelled jobs are skipped; expired ones are failed with `DeadlineExceeded`. Never empty.
+    """
+    batch: list[Job] = []
+    while not batch:
+        _admit(await queue.get(), batch, clock())
+    window_end = clock() + max_wait_s
+    while len(batch) < max_batch_size:
+        take_ready(queue, batch, max_batch_size, clock)
+        remaining = window_end - clock()
+        if len(batch) >= max_batch_size or remaining <= 0:
+            break
+        try:
+            job = await asyncio.wait_for(queue.get(), remaining)
+        except TimeoutError:
+            break
+        _admit(job, batch, clock())
+    return batch
+
+
+class BatchingInference:
+    """An `InferenceClient` that batches concurrent requests for one engine."""
+
+    def __init__(
+        self,
+        build_engine: Callable[[], TaggingEngine],
+        config: BatchingConfig = BatchingConfig(),
+        *,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        self._build_engine = build_engine
+        self._config = config
+        self._on_batch = on_batch
+        self._engine: TaggingEngine | None = None
+        # One thread: the models are not re-entrant, and torch parallelises inside each call.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=config.max_queue)
+        self._pending: set[asyncio.Future[TagResult]] = set()
+        self._running: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def ready(self) -> bool:
+        return self._engine is not None and not self._closed
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        engine = await loop.run_in_executor(self._executor, self._build_engine)
+        if self._closed:
+            return
+        self._engine = engine
+        self._loop_task = asyncio.create_task(self._batch_loop(engine), name="inference-batcher")
+        self._loop_task.add_done_callback(_log_loop_failure)
+
+    async def tag(self, images: list[Image.Image], deadline: float | None = None) -> list[TagResult]:
+        if self._closed:
+            raise InferenceClosed("the inference client is closed")
+        if self._engine is None:
+            raise RuntimeError("models are not loaded yet")
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + self._config.default_timeout_s
+        if deadline <= now:
+            raise DeadlineExceeded("the deadline passed before the request was queued")
+        # All of a request's images or none: a half-queued request would only waste model time.
+        if self._queue.maxsize - self._queue.qsize() < len(images):
+            raise QueueFull("the inference queue is full")
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[TagResult]] = []
+        for image in images:
+            future: asyncio.Future[TagResult] = loop.create_future()
+            self._pending.add(future)
+            future.add_done_callback(self._pending.discard)
+            self._queue.put_nowait(Job(image, deadline, future, now))
+            futures.append(future)
+        try:
+            # asyncio.timeout runs on the loop's clock; re-base the monotonic deadline onto it.
+            async with asyncio.timeout_at(loop.time() + deadline - time.monotonic()):
+                return list(await asyncio.gather(*futures))
+        except TimeoutError:
+            raise DeadlineExceeded("the deadline passed before the models finished") from None
+        finally:
+            # A job whose caller stopped waiting is skipped by `collate`, or its late result dropped.
+            for future in futures:
+                future.cancel()
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = [t for t in (self._loop_task, *self._running) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for future in list(self._pending):
+            if not future.done():
+                future.set_exception(InferenceClosed("the inference client closed first"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _batch_loop(self, engine: TaggingEngine) -> None:
+        config = self._config
+        # At most one batch on the model thread; the next one collects meanwhile. Queueing more
+        # in the executor would move jobs out of the bounded queue and defeat its backpressure.
+        slot = asyncio.Semaphore(1)
+        while True:
+            batch = await collate(self._queue, config.max_batch_size, config.max_wait_s)
+            await slot.acquire()
+            # Waiting for the slot took time: re-check who still wants a result, then fill up.
+            now = time.monotonic()
+            live: list[Job] = []
+            for job in batch:
+                _admit(job, live, now)
+            take_ready(self._queue, live, config.max_batch_size, time.monotonic)
+            if not live:
+                slot.release()
+                continue
+            task = asyncio.create_task(self._run_batch(engine, live, slot))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run_batch(self, engine: TaggingEngine, batch: list[Job], slot: asyncio.Semaphore) -> None:
+        try:
+            queue_depth = self._queue.qsize()
+            started = time.monotonic()
+            loop = asyncio.get_running_loop()
+            try:
+                images = [job.image for job in batch]
+                results = await loop.run_in_executor(self._executor, engine.predict, images)
+                if len(results) != len(batch):
+                    raise RuntimeError(f"predict gave {len(results)} results for {len(batch)} images")
+            except Exception:
+                # The engine already isolates a bad image; reaching here is a bug, so fail only
+                # this batch and keep serving.
+                log.exception("a batch of %d images failed", len(batch))
+                results = [ModelError("the model failed to process this image") for _ in batch]
+            model_s = time.monotonic() - started
+            for job, result in zip(batch, results):
+                if not job.future.done():
+                    job.future.set_result(result)
+        finally:
+            slot.release()
+        waits = tuple(started - job.enqueued_at for job in batch)
+        self._report(BatchStats(len(batch), waits, model_s, queue_depth))
+
+    def _report(self, stats: BatchStats) -> None:
+        if self._on_batch is None:
+            return
+        try:
+            self._on_batch(stats)
+        except Exception:
+            log.exception("the batch statistics hook failed")
+
+
+def _log_loop_failure(task: asyncio.Task[None]) -> None:
+    # Without the loop every caller would wait out its deadline: say so loudly.
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("the batching loop stopped", exc_info=task.exception())

@@ -1,0 +1,55 @@
+"""The IAM endpoints existing clients call (contract section 6)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+
+from service.deps import DomainCaller, RawBody
+from service.errors import InvalidJson, InvalidParameter
+from service.iam import IamService
+from service.protocol.common import ErrorBody
+from service.protocol.iam import ProjectList, TokenRequest, TokenResponse
+
+router = APIRouter(tags=["IAM"])
+
+
+def iam_service(request: Request) -> IamService:
+    if request.app.state.iam is None:
+        raise InvalidParameter("IAM is disabled (IMAGETAG_AUTH_MODE=none)")
+    return request.app.state.iam
+
+
+Iam = Annotated[IamService, Depends(iam_service)]
+
+
+@router.post(
+    "/v3/auth/tokens",
+    status_code=201,
+    response_model=TokenResponse,
+    responses={status: {"model": ErrorBody} for status in (400, 401, 403, 429)},
+    openapi_extra={"requestBody": {"content": {"application/json": {"schema": TokenRequest.model_json_schema()}}}},
+    summary="Password login: a project-scoped token in X-Subject-Token",
+)
+async def create_token(request: Request, body: RawBody, iam: Iam, nocatalog: str | None = None) -> JSONResponse:
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InvalidJson("the request body is not valid JSON") from None
+    token, response = await iam.login(
+        TokenRequest.parse(payload),
+        client_host=request.client.host if request.client else None,
+        with_catalog=nocatalog is None,
+        base_url=str(request.base_url).rstrip("/"),
+    )
+    return JSONResponse(
+        response.model_dump(exclude_none=True), status_code=201, headers={"X-Subject-Token": token}
+    )
+
+
+@router.get("/v3/projects", response_model=ProjectList, summary="Projects of the caller's account, by name")
+async def list_projects(principal: DomainCaller, iam: Iam, name: Annotated[str | None, Query()] = None) -> ProjectList:
+    return await iam.projects(principal, name)

@@ -1,0 +1,380 @@
+"""The micro-batcher: `collate` on a plain queue, then the batching client, with a stand-in engine
+for the timing mechanics and the real models for correctness."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+from PIL import Image
+
+from inference.batching import BatchingConfig, BatchingInference, BatchStats, Job, collate
+from inference.client import DeadlineExceeded, InferenceClosed, QueueFull
+from inference.engine import ModelError
+from tests.conftest import PHOTOS
+
+
+class SizeEngine:
+    """Stands in for `TaggingEngine` in the timing tests: tags each image with its own size.
+
+    `hold` can keep a batch on the model thread until the test lets it go; `started` is set
+    when a batch reaches `predict`.
+    """
+
+    def __init__(self, delay_s: float = 0.0, fail: bool = False) -> None:
+        self.delay_s = delay_s
+        self.fail = fail
+        self.batches: list[list[int]] = []
+        self.hold = threading.Event()
+        self.hold.set()
+        self.started = threading.Event()
+
+    def predict(self, images: list[Image.Image]) -> list:
+        self.batches.append([image.width for image in images])
+        self.started.set()
+        self.hold.wait(timeout=5)
+        time.sleep(self.delay_s)
+        if self.fail and any(image.width == 13 for image in images):
+            raise RuntimeError("unexpected failure")
+        return [[f"width={image.width}"] for image in images]
+
+    def seen(self) -> set[int]:
+        return {width for batch in self.batches for width in batch}
+
+
+def image(width: int) -> Image.Image:
+    return Image.new("RGB", (width, 8))
+
+
+Body = Callable[[BatchingInference], Awaitable[None]]
+
+
+def run(build_engine, config: BatchingConfig, body: Body, **kw) -> None:
+    """Runs `body` against a started client, and closes it whatever happens."""
+
+    async def main() -> None:
+        client = BatchingInference(build_engine, config, **kw)
+        await client.start()
+        try:
+            await body(client)
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+async def started(engine: SizeEngine) -> None:
+    assert await asyncio.to_thread(engine.started.wait, 2), "no batch reached predict"
+    engine.started.clear()
+
+
+# collate, on a plain asyncio.Queue
+
+
+def job(loop: asyncio.AbstractEventLoop, width: int, deadline: float = float("inf")) -> Job:
+    return Job(image(width), deadline, loop.create_future())
+
+
+def test_collate_stops_at_max_batch_size():
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Job] = asyncio.Queue()
+        jobs = [job(loop, w) for w in range(5)]
+        for j in jobs:
+            queue.put_nowait(j)
+        began = time.monotonic()
+        assert await collate(queue, 3, 1.0) == jobs[:3]
+        assert time.monotonic() - began < 0.1  # full: no reason to wait out the window
+        assert await collate(queue, 3, 0.02) == jobs[3:]
+
+    asyncio.run(main())
+
+
+def test_collate_waits_max_wait_after_the_first_job_and_no_longer():
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Job] = asyncio.Queue()
+        first, inside, late = job(loop, 1), job(loop, 2), job(loop, 3)
+        loop.call_later(0.05, queue.put_nowait, first)  # the window opens with the first job
+        loop.call_later(0.05 + 0.05, queue.put_nowait, inside)
+        loop.call_later(0.05 + 0.30, queue.put_nowait, late)
+        began = time.monotonic()
+        batch = await collate(queue, 8, 0.15)
+        elapsed = time.monotonic() - began
+        assert batch == [first, inside]
+        assert 0.05 + 0.15 - 0.01 <= elapsed < 0.05 + 0.15 + 0.08
+        assert await collate(queue, 8, 0.01) == [late]
+
+    asyncio.run(main())
+
+
+def test_collate_returns_as_soon_as_the_batch_is_full():
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Job] = asyncio.Queue()
+        jobs = [job(loop, w) for w in range(2)]
+        queue.put_nowait(jobs[0])
+        loop.call_later(0.02, queue.put_nowait, jobs[1])
+        began = time.monotonic()
+        assert await collate(queue, 2, 5.0) == jobs
+        assert time.monotonic() - began < 0.5
+
+    asyncio.run(main())
+
+
+def test_collate_drops_cancelled_jobs_and_fails_expired_ones():
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Job] = asyncio.Queue()
+        now = 1000.0  # a fake clock: deadlines are judged against it alone
+        gone, expired, live, also_expired, live_too = (
+            job(loop, 1, now + 5), job(loop, 2, now - 1), job(loop, 3, now + 5),
+            job(loop, 4, now), job(loop, 5, now + 0.1),
+        )
+        gone.future.cancel()
+        for j in (gone, expired, live, also_expired, live_too):
+            queue.put_nowait(j)
+        assert await collate(queue, 8, 0.01, clock=lambda: now) == [live, live_too]
+        assert isinstance(expired.future.exception(), DeadlineExceeded)
+        assert isinstance(also_expired.future.exception(), DeadlineExceeded)
+        assert gone.future.cancelled()
+        assert not live.future.done() and queue.empty()
+
+    asyncio.run(main())
+
+
+def test_collate_keeps_waiting_when_only_dead_jobs_arrive():
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Job] = asyncio.Queue()
+        dead, live = job(loop, 1, deadline=0.0), job(loop, 2)
+        queue.put_nowait(dead)
+        loop.call_later(0.05, queue.put_nowait, live)
+        assert await asyncio.wait_for(collate(queue, 8, 0.01), 2) == [live]
+        assert isinstance(dead.future.exception(), DeadlineExceeded)
+
+    asyncio.run(main())
+
+
+# the batching client, with the stand-in engine
+
+
+def test_each_concurrent_caller_gets_its_own_results():
+    engine = SizeEngine(delay_s=0.005)
+    stats: list[BatchStats] = []
+    rng = random.Random(7)
+
+    async def caller(client: BatchingInference, widths: list[int]) -> None:
+        await asyncio.sleep(rng.uniform(0, 0.03))
+        results = await client.tag([image(w) for w in widths])
+        assert results == [[f"width={w}"] for w in widths]
+
+    async def body(client: BatchingInference) -> None:
+        requests = [[10 + 3 * i + k for k in range(1 + i % 3)] for i in range(60)]
+        await asyncio.gather(*(caller(client, widths) for widths in requests))
+        assert engine.seen() == {w for widths in requests for w in widths}
+
+    config = BatchingConfig(max_batch_size=6, max_wait_s=0.005, max_queue=256)
+    run(lambda: engine, config, body, on_batch=stats.append)
+    sizes = [len(batch) for batch in engine.batches]
+    assert max(sizes) > 1 and max(sizes) <= 6
+    assert [s.size for s in stats] == sizes
+    assert all(len(s.queue_wait_s) == s.size and min(s.queue_wait_s) >= 0 for s in stats)
+    assert all(s.model_s >= 0.005 and s.queue_depth >= 0 for s in stats)
+
+
+def test_a_batch_that_raises_fails_only_its_own_callers():
+    engine = SizeEngine(fail=True)
+    engine.hold.clear()
+
+    async def body(client: BatchingInference) -> None:
+        first = asyncio.create_task(client.tag([image(1)]))
+        await started(engine)
+        # Held back behind the first batch: these two become the broken batch.
+        broken = asyncio.gather(client.tag([image(13)]), client.tag([image(2)]))
+        await asyncio.sleep(0.05)
+        engine.hold.set()
+        assert await first == [["width=1"]]
+        for (result,) in await broken:
+            assert isinstance(result, ModelError)
+        assert await client.tag([image(3)]) == [["width=3"]]  # the loop is still running
+
+    run(lambda: engine, BatchingConfig(max_batch_size=4, max_wait_s=0.01), body)
+    assert engine.batches == [[1], [13, 2], [3]]
+
+
+def test_a_full_queue_refuses_at_once():
+    engine = SizeEngine()
+    engine.hold.clear()
+
+    async def body(client: BatchingInference) -> None:
+        # Capacity: the batch on the model thread, the one collected behind it, then the queue.
+        accepted = [asyncio.create_task(client.tag([image(1)]))]
+        await started(engine)
+        for width in (2, 3, 4):
+            accepted.append(asyncio.create_task(client.tag([image(width)])))
+            await asyncio.sleep(0.02)
+        began = time.monotonic()
+        with pytest.raises(QueueFull):
+            await client.tag([image(5)])
+        assert time.monotonic() - began < 0.01
+        accepted[-1].cancel()  # one place free, but a two-image request is refused whole
+        await asyncio.sleep(0.02)
+        with pytest.raises(QueueFull):
+            await client.tag([image(6), image(7)])
+        engine.hold.set()
+        results = await asyncio.gather(*accepted[:3])
+        assert results == [[["width=1"]], [["width=2"]], [["width=3"]]]
+
+    run(lambda: engine, BatchingConfig(max_batch_size=1, max_wait_s=0.0, max_queue=2), body)
+    assert engine.seen() == {1, 2, 3}
+
+
+def test_a_deadline_passing_during_a_slow_batch_answers_promptly():
+    engine = SizeEngine()
+    engine.hold.clear()
+
+    async def body(client: BatchingInference) -> None:
+        try:
+            patient = asyncio.create_task(client.tag([image(1)]))
+            deadline = time.monotonic() + 0.2
+            hurried = asyncio.create_task(client.tag([image(2)], deadline=deadline))
+            await started(engine)
+            assert engine.batches == [[1, 2]]  # the hurried caller's image is on the model thread
+            with pytest.raises(DeadlineExceeded):
+                await hurried
+            assert time.monotonic() - deadline < 0.05
+        finally:
+            engine.hold.set()
+        assert await patient == [["width=1"]]
+        assert await client.tag([image(3)]) == [["width=3"]]
+
+    run(lambda: engine, BatchingConfig(max_batch_size=4, max_wait_s=0.02), body)
+
+
+def test_a_deadline_passing_in_the_queue_never_reaches_the_models():
+    engine = SizeEngine()
+    engine.hold.clear()
+
+    async def body(client: BatchingInference) -> None:
+        try:
+            first = asyncio.create_task(client.tag([image(1)]))
+            await started(engine)
+            deadline = time.monotonic() + 0.1
+            with pytest.raises(DeadlineExceeded):
+                await client.tag([image(2)], deadline=deadline)
+            assert time.monotonic() - deadline < 0.05
+            with pytest.raises(DeadlineExceeded):
+                await client.tag([image(3)], deadline=time.monotonic() - 1)
+        finally:
+            engine.hold.set()
+        assert await first == [["width=1"]]
+        assert await client.tag([image(4)]) == [["width=4"]]
+
+    run(lambda: engine, BatchingConfig(max_batch_size=4, max_wait_s=0.01), body)
+    assert engine.seen() == {1, 4}
+
+
+def test_a_cancelled_caller_never_reaches_the_models():
+    engine = SizeEngine()
+    engine.hold.clear()
+
+    async def body(client: BatchingInference) -> None:
+        try:
+            first = asyncio.create_task(client.tag([image(1)]))
+            await started(engine)
+            gone = asyncio.create_task(client.tag([image(2), image(3)]))
+            stays = asyncio.create_task(client.tag([image(4)]))
+            await asyncio.sleep(0.05)
+            gone.cancel()  # the client disconnected while its images waited
+            await asyncio.sleep(0.01)
+        finally:
+            engine.hold.set()
+        assert await first == [["width=1"]]
+        assert await stays == [["width=4"]]
+        assert gone.cancelled()
+
+    run(lambda: engine, BatchingConfig(max_batch_size=4, max_wait_s=0.01), body)
+    assert engine.batches == [[1], [4]]
+
+
+def test_close_fails_waiting_callers():
+    engine = SizeEngine()
+    engine.hold.clear()
+
+    async def main() -> None:
+        client = BatchingInference(lambda: engine, BatchingConfig(max_batch_size=1, max_wait_s=0.0))
+        await client.start()
+        try:
+            waiting = [asyncio.create_task(client.tag([image(w)])) for w in (1, 2, 3)]
+            await started(engine)
+            began = time.monotonic()
+            await client.close()
+            for task in waiting:
+                with pytest.raises(InferenceClosed):
+                    await task
+            assert time.monotonic() - began < 0.5
+            assert not client.ready
+            with pytest.raises(InferenceClosed):
+                await client.tag([image(4)])
+        finally:
+            engine.hold.set()
+
+    asyncio.run(main())
+    assert engine.seen() == {1}
+
+
+# the batching client, with the real models on real photos
+
+
+def rgb(name: str) -> Image.Image:
+    return Image.open(PHOTOS / name).convert("RGB")
+
+
+def test_real_models_give_each_concurrent_caller_its_own_photos_tags(engine):
+    names = [
+        "cat_chelsea.jpg", "bus.jpg", "coffee.jpg",
+        "airplane_cutout.jpg", "ladybug.jpg", "strawberry_cutout.jpg",
+    ]
+    photos = {name: rgb(name) for name in names}
+    alone = {name: engine.predict([photo])[0] for name, photo in photos.items()}
+    stats: list[BatchStats] = []
+
+    async def caller(client: BatchingInference, name: str) -> tuple[str, list]:
+        (result,) = await client.tag([photos[name]])
+        return name, result
+
+    async def body(client: BatchingInference) -> None:
+        callers = [caller(client, name) for name in names * 2]
+        for name, together in await asyncio.gather(*callers):
+            # Batching pads images differently, so scores may move a little and near-ties reorder.
+            confident = {t.tag.key: t.confidence for t in alone[name] if t.confidence > 0.3}
+            assert confident, name
+            found = {t.tag.key: t.confidence for t in together}
+            for key, confidence in confident.items():
+                assert found.get(key) == pytest.approx(confidence, abs=0.03), (name, key)
+
+    run(lambda: engine, BatchingConfig(max_batch_size=4, max_wait_s=0.05), body, on_batch=stats.append)
+    assert sum(s.size for s in stats) == 12
+    assert max(s.size for s in stats) > 1
+
+
+def test_real_models_fail_only_the_caller_whose_image_breaks_the_batch(engine):
+    stats: list[BatchStats] = []
+
+    async def body(client: BatchingInference) -> None:
+        cat, broken, bus = await asyncio.gather(
+            client.tag([rgb("cat_chelsea.jpg")]),
+            client.tag([Image.new("L", (64, 64))]),  # one channel: the classifier cannot take it
+            client.tag([rgb("bus.jpg")]),
+        )
+        assert isinstance(broken[0], ModelError)
+        assert "cat" in {t.tag.key for t in cat[0]}
+        assert "bus" in {t.tag.key for t in bus[0]}
+
+    run(lambda: engine, BatchingConfig(max_batch_size=4, max_wait_s=0.05), body, on_batch=stats.append)
+    assert [s.size for s in stats] == [3]
