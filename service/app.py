@@ -12,13 +12,21 @@ from datetime import timedelta
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inference.client import InferenceClient
 from service.assembly import Backends
 from service.auth.authenticator import Authenticator
-from service.errors import InternalError, InvalidParameter, RouteNotFound, ServiceError, status_and_code
+from service.errors import (
+    InternalError,
+    InvalidParameter,
+    Overloaded,
+    RouteNotFound,
+    ServiceError,
+    status_and_code,
+)
 from service.gate import Gate, Limits
 from service.iam import IamService
 from service.routes import health, iam, tagging
@@ -79,6 +87,7 @@ def create_app(settings: Settings, inference: InferenceClient, backends: Backend
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(RedisError, _redis_error)
     app.add_middleware(RequestIdMiddleware)
     return app
 
@@ -104,6 +113,13 @@ async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
         return error_response(RouteNotFound(f"no API at {request.method} {request.url.path}"))
     log.warning("unexpected HTTP error %s: %s", error.status_code, error.detail)
     return error_response(InternalError("unexpected error"))
+
+
+async def _redis_error(request: Request, error: RedisError) -> JSONResponse:
+    log.warning("Redis unavailable: %r", error)
+    return error_response(
+        Overloaded("the shared store (Redis) is unreachable; retry shortly", headers={"Retry-After": "1"})
+    )
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from service.identity import IdentityStore, RedisIdentityStore, SqliteIdentityStore
 from service.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
@@ -35,10 +37,13 @@ class Backends:
 
 
 def redis_client(settings: Settings) -> Redis:
+    # One quick retry, then give up: during an outage each request must fail within about two
+    # timeouts rather than after redis-py's default round of backed-off retries.
     return Redis.from_url(
         settings.redis_url,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
+        retry=Retry(NoBackoff(), 1),
         health_check_interval=10,
     )
 

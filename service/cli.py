@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("name")
     fetch.add_argument("--dir", type=Path, help="destination (default IMAGETAG_WEIGHTS_DIR)")
     fetch.set_defaults(run=_weights_fetch)
+
+    from service.admin import add_commands
+
+    add_commands(commands)
     return parser
 
 

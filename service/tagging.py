@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from inference.client import InferenceClient
+from inference.client import InferenceClient, InferenceUnavailable
 from inference.engine import ModelError
 from inference.fusion import ScoredTag
 from service.errors import ModelFailed, Overloaded
@@ -62,7 +62,10 @@ class TaggingService:
     async def tag_image(self, image: Image.Image, request: TaggingRequest) -> TaggingResponse:
         if not self.inference.ready:
             raise Overloaded("the models are still loading; retry shortly", headers={"Retry-After": "5"})
-        (result,) = await self.inference.tag([image])
+        try:
+            (result,) = await self.inference.tag([image])
+        except InferenceUnavailable as error:
+            raise Overloaded(f"the service is overloaded ({error}); retry shortly", headers={"Retry-After": "1"}) from None
         if isinstance(result, ModelError):
             raise ModelFailed(str(result))
         return render(result, language=request.language, threshold=request.threshold, limit=request.limit)

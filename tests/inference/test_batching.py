@@ -88,7 +88,7 @@ def test_collate_stops_at_max_batch_size():
             queue.put_nowait(j)
         began = time.monotonic()
         assert await collate(queue, 3, 1.0) == jobs[:3]
-        assert time.monotonic() - began < 0.1  # full: no reason to wait out the window
+        assert time.monotonic() - began < 0.5  # full: no reason to wait out the 1 s window
         assert await collate(queue, 3, 0.02) == jobs[3:]
 
     asyncio.run(main())
@@ -106,7 +106,7 @@ def test_collate_waits_max_wait_after_the_first_job_and_no_longer():
         batch = await collate(queue, 8, 0.15)
         elapsed = time.monotonic() - began
         assert batch == [first, inside]
-        assert 0.05 + 0.15 - 0.01 <= elapsed < 0.05 + 0.15 + 0.08
+        assert 0.05 + 0.15 - 0.01 <= elapsed < 0.05 + 0.15 + 0.15
         assert await collate(queue, 8, 0.01) == [late]
 
     asyncio.run(main())
@@ -215,23 +215,23 @@ def test_a_full_queue_refuses_at_once():
         # Capacity: the batch on the model thread, the one collected behind it, then the queue.
         accepted = [asyncio.create_task(client.tag([image(1)]))]
         await started(engine)
-        for width in (2, 3, 4):
+        for width in (2, 3):
             accepted.append(asyncio.create_task(client.tag([image(width)])))
             await asyncio.sleep(0.02)
+        with pytest.raises(QueueFull):  # one place left: a two-image request is refused whole
+            await client.tag([image(6), image(7)])
+        accepted.append(asyncio.create_task(client.tag([image(4)])))
+        await asyncio.sleep(0.02)
         began = time.monotonic()
         with pytest.raises(QueueFull):
             await client.tag([image(5)])
-        assert time.monotonic() - began < 0.01
-        accepted[-1].cancel()  # one place free, but a two-image request is refused whole
-        await asyncio.sleep(0.02)
-        with pytest.raises(QueueFull):
-            await client.tag([image(6), image(7)])
+        assert time.monotonic() - began < 0.05  # refused, not queued behind the held batch
         engine.hold.set()
-        results = await asyncio.gather(*accepted[:3])
-        assert results == [[["width=1"]], [["width=2"]], [["width=3"]]]
+        results = await asyncio.gather(*accepted)
+        assert results == [[[f"width={w}"]] for w in (1, 2, 3, 4)]
 
     run(lambda: engine, BatchingConfig(max_batch_size=1, max_wait_s=0.0, max_queue=2), body)
-    assert engine.seen() == {1, 2, 3}
+    assert engine.batches == [[1], [2], [3], [4]]
 
 
 def test_a_deadline_passing_during_a_slow_batch_answers_promptly():
@@ -247,7 +247,7 @@ def test_a_deadline_passing_during_a_slow_batch_answers_promptly():
             assert engine.batches == [[1, 2]]  # the hurried caller's image is on the model thread
             with pytest.raises(DeadlineExceeded):
                 await hurried
-            assert time.monotonic() - deadline < 0.05
+            assert time.monotonic() - deadline < 0.1  # not when the held batch ends
         finally:
             engine.hold.set()
         assert await patient == [["width=1"]]
@@ -267,7 +267,7 @@ def test_a_deadline_passing_in_the_queue_never_reaches_the_models():
             deadline = time.monotonic() + 0.1
             with pytest.raises(DeadlineExceeded):
                 await client.tag([image(2)], deadline=deadline)
-            assert time.monotonic() - deadline < 0.05
+            assert time.monotonic() - deadline < 0.1  # not when the held batch ends
             with pytest.raises(DeadlineExceeded):
                 await client.tag([image(3)], deadline=time.monotonic() - 1)
         finally:
