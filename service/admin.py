@@ -59,6 +59,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     action(keys, "enable", _set_key(True), "enable an access key again", (("ak",), {}))
     action(keys, "delete", _delete_key, "delete an access key", (("ak",), {}))
 
+    tokens = nouns.add_parser("tokens", help="IAM tokens").add_subparsers(required=True, metavar="ACTION")
+    action(tokens, "revoke", _revoke_token, "revoke a token (every gateway refuses it at once)", (("token",), {}))
+
     action(nouns, "dev-credentials", _dev_credentials,
            "create (or reuse) a development account, user, password, project and AK/SK",
            (("--json",), {"action": "store_true", "help": "one JSON object"}))
@@ -172,6 +175,13 @@ async def _delete_key(store, args, settings) -> int:
     if not await store.delete_access_key(args.ak):
         raise IdentityError(f"no access key {args.ak}")
     return _table([(args.ak, "deleted")])
+
+
+async def _revoke_token(store, args, settings) -> int:
+    if not await store.revoke_token(args.token):
+        raise IdentityError("no such valid token")
+    print("revoked")
+    return 0
 
 
 async def _dev_credentials(store, args, settings) -> int:

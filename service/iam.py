@@ -40,6 +40,13 @@ class IamService:
         token, record = await self.store.issue_token(user.id, project.id, self.token_ttl)
         return token, wire.TokenResponse(token=_token(record, user, domain, project, with_catalog, base_url))
 
+    async def revoke(self, principal: Principal, token: str) -> None:
+        """Revokes a token of the caller's own account (any replica stops accepting it at once)."""
+        record = await self.store.validate_token(token)
+        if record is None or record.domain_id != principal.domain_id:
+            raise InvalidCredentials("X-Subject-Token is not a valid token of this account")
+        await self.store.revoke_token(token)
+
     async def projects(self, principal: Principal, name: str | None) -> wire.ProjectList:
         projects = await self.store.list_projects(principal.domain_id)
         return wire.ProjectList(

@@ -49,8 +49,9 @@ class RunningServer:
 
 
 def start_server(
-    tmp_dir: Path, *args: str, env: dict[str, str] | None = None, ca_cert: Path | None = None
+    tmp_dir: Path, *args: str, env: dict[str, str | None] | None = None, ca_cert: Path | None = None
 ) -> RunningServer:
+    """`imagetag serve` in a subprocess; an `env` value of None removes that variable."""
     port = free_port()
     scheme = "https" if "--certfile" in args else "http"
     log = tmp_dir / f"server-{port}.log"
@@ -63,6 +64,7 @@ def start_server(
         "IMAGETAG_DATA_DIR": str(tmp_dir / f"data-{port}"),
         **(env or {}),
     }
+    environment = {name: value for name, value in environment.items() if value is not None}
     log_handle = log.open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--port", str(port), *args],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from service.deps import DomainCaller, RawBody
@@ -48,6 +48,12 @@ async def create_token(request: Request, body: RawBody, iam: Iam, nocatalog: str
     return JSONResponse(
         response.model_dump(exclude_none=True), status_code=201, headers={"X-Subject-Token": token}
     )
+
+
+@router.delete("/v3/auth/tokens", status_code=204, summary="Revoke the token in X-Subject-Token")
+async def revoke_token(principal: DomainCaller, iam: Iam, subject: Annotated[str, Header(alias="X-Subject-Token")]) -> Response:
+    await iam.revoke(principal, subject)
+    return Response(status_code=204)
 
 
 @router.get("/v3/projects", response_model=ProjectList, summary="Projects of the caller's account, by name")

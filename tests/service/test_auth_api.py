@@ -231,9 +231,16 @@ def test_expired_token(deployment):
     assert_error(response, 401, "APIG.0301")
 
 
-def test_revoked_token(deployment):
+@pytest.mark.parametrize("how", ["api", "admin"])
+def test_revoked_token(deployment, how):
     token = login(deployment.url, deployment.dev).headers["X-Subject-Token"]
-    assert store_call(deployment, "revoke_token", token)
+    if how == "api":
+        other_token = login(deployment.url, deployment.dev).headers["X-Subject-Token"]
+        response = requests.delete(f"{deployment.gateways[1].base_url}/v3/auth/tokens",
+                                   headers={"X-Auth-Token": other_token, "X-Subject-Token": token}, timeout=10)
+        assert response.status_code == 204, response.text
+    else:
+        assert admin(deployment.env, "tokens", "revoke", token).strip() == "revoked"
     for gateway in deployment.gateways:
         response = requests.post(gateway.base_url + tag_path(deployment), data=tagging_body(),
                                  headers={"X-Auth-Token": token}, timeout=30)

@@ -101,6 +101,10 @@ def test_boxes_follow_exif_orientation(server):
     assert box["top_left_y"] + box["height"] <= upright.height + 1
 
 
+def test_auth_mode_none_warns_at_start(server):
+    assert "IMAGETAG_AUTH_MODE=none: every request is accepted without credentials" in server.log.read_text()
+
+
 def test_health_readiness_and_docs(server):
     assert requests.get(server.url("/healthz"), timeout=5).json() == {"status": "ok"}
     assert requests.get(server.url("/readyz"), timeout=5).status_code == 200

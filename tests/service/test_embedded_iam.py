@@ -1,0 +1,108 @@
+"""The single-process default: IAM on the embedded SQLite store, limits held in process.
+
+Follows the README's quick start: `imagetag admin dev-credentials --json`, `imagetag serve`, then
+an authenticated call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
+
+import pytest
+import requests
+from huaweicloudsdkcore.auth.credentials import BasicCredentials
+from huaweicloudsdkcore.sdk_request import SdkRequest
+from huaweicloudsdkcore.signer.signer import Signer
+
+from tests.conftest import REPO, photo_base64, start_server, stop_server
+
+CAT = photo_base64("cat_chelsea.jpg")
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("embedded")
+    env = {
+        "IMAGETAG_DATA_DIR": str(directory / "data"),
+        "IMAGETAG_MAX_CONCURRENT_PER_PROJECT": "2",
+        "IMAGETAG_TRUSTED_PROXIES": "127.0.0.1/32",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "admin", "dev-credentials", "--json"],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=60, cwd=REPO, check=True,
+    )
+    credentials = json.loads(result.stdout)
+    # IMAGETAG_AUTH_MODE is left to its default, which must be iam.
+    server = start_server(directory, env={**env, "IMAGETAG_AUTH_MODE": None})
+    yield server, credentials, directory
+    stop_server(server)
+
+
+def test_dev_credentials_are_complete_and_reused(embedded):
+    server, credentials, directory = embedded
+    assert set(credentials) == {"domain", "user", "password", "project_id", "project_name", "ak", "sk"}
+    again = subprocess.run(
+        [sys.executable, "-m", "service.cli", "admin", "dev-credentials", "--json"],
+        env={**os.environ, "IMAGETAG_DATA_DIR": str(directory / "data")},
+        capture_output=True, text=True, timeout=60, cwd=REPO, check=True,
+    )
+    assert json.loads(again.stdout) == credentials
+    assert oct((directory / "data" / "dev-credentials.json").stat().st_mode & 0o777) == "0o600"
+
+
+def test_quick_start_token_then_tag(embedded):
+    server, credentials, _ = embedded
+    login = {"auth": {
+        "identity": {"methods": ["password"], "password": {"user": {
+            "domain": {"name": credentials["domain"]}, "name": credentials["user"],
+            "password": credentials["password"]}}},
+        "scope": {"project": {"name": credentials["project_name"]}}}}
+    response = requests.post(server.url("/v3/auth/tokens"), json=login, timeout=30)
+    assert response.status_code == 201, response.text
+    tagged = requests.post(server.url("/v1.0/image/tagging"), json={"image": CAT},
+                           headers={"X-Auth-Token": response.headers["X-Subject-Token"]}, timeout=60)
+    assert tagged.status_code == 200
+    assert "猫" in [t["tag"] for t in tagged.json()["result"]["tags"]]
+    anonymous = requests.post(server.url("/v1.0/image/tagging"), json={"image": CAT}, timeout=60)
+    assert anonymous.json()["error_code"] == "ModelArts.4101"
+
+
+def test_concurrency_cap_per_project(embedded):
+    server, credentials, _ = embedded
+    body = json.dumps({"image": CAT}).encode()
+
+    def call(_):
+        request = SdkRequest(method="POST", schema="http", host=urlparse(server.base_url).netloc,
+                             resource_path=f"/v2/{credentials['project_id']}/image/tagging", query_params=[],
+                             header_params={"Content-Type": "application/json"}, body=body)
+        Signer(BasicCredentials(credentials["ak"], credentials["sk"])).sign(request)
+        return requests.post(request.url, data=body, headers=request.header_params, timeout=60)
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(call, range(8)))
+    statuses = [r.status_code for r in responses]
+    assert statuses.count(200) >= 2
+    assert statuses.count(429) >= 1, statuses
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.json()["error_code"] == "APIG.0308" and refused.headers["Retry-After"] == "1"
+
+
+def test_signature_through_a_trusted_proxy_uses_the_original_host(embedded):
+    server, credentials, _ = embedded
+    body = json.dumps({"image": CAT, "limit": 1}).encode()
+    request = SdkRequest(method="POST", schema="https", host="tagging.example.com",
+                         resource_path=f"/v2/{credentials['project_id']}/image/tagging", query_params=[],
+                         header_params={"Content-Type": "application/json"}, body=body)
+    Signer(BasicCredentials(credentials["ak"], credentials["sk"])).sign(request)
+    # The proxy connects with its own Host and passes the client's on in X-Forwarded-Host.
+    headers = {k: v for k, v in request.header_params.items() if k.lower() != "host"}
+    url = server.url(f"/v2/{credentials['project_id']}/image/tagging")
+    forwarded = requests.post(url, data=body, headers={**headers, "X-Forwarded-Host": "tagging.example.com"}, timeout=60)
+    assert forwarded.status_code == 200, forwarded.text
+    direct = requests.post(url, data=body, headers=headers, timeout=60)
+    assert direct.json()["error_code"] == "APIG.0301"
