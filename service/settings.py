@@ -68,6 +68,24 @@ class Settings(BaseSettings):
     )
     torch_threads: int | None = Field(None, ge=1, description="unset: torch's default")
 
+    # Inference: in this process, or on `imagetag worker` processes reached through Redis Streams
+    inference: Literal["local", "remote"] = Field(
+        "local", description="local: models in this process; remote: jobs to workers via IMAGETAG_REDIS_URL"
+    )
+    batch_max_size: int = Field(8, ge=1, le=256)
+    batch_max_wait_s: float = Field(0.01, ge=0, le=1)
+    queue_max: int = Field(64, ge=1, description="waiting images beyond which requests get 503 at once")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline of one request's model work")
+    worker_heartbeat_s: float = Field(2.0, gt=0)
+    job_visibility_timeout_s: float = Field(
+        15.0, gt=0, description="a job unanswered this long is claimed by another worker"
+    )
+    metrics_port: int = Field(9100, ge=1, le=65535, description="where `imagetag worker` serves /metrics")
+    latency_buckets_s: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0],
+        description="comma-separated histogram buckets for request latency, in seconds",
+    )
+
     # Request limits (contract section 2)
     max_body_bytes: int = 12 * MiB
     max_base64_bytes: int = 10 * MiB
@@ -82,6 +100,13 @@ class Settings(BaseSettings):
         default_factory=list,
         description="comma-separated CIDRs the downloader may reach despite being private or loopback",
     )
+
+    @field_validator("latency_buckets_s", mode="before")
+    @classmethod
+    def _split_buckets(cls, value: object) -> object:
+        if isinstance(value, str):
+            return sorted(float(part) for part in value.split(",") if part.strip())
+        return value
 
     @field_validator("url_allowed_networks", "trusted_proxies", mode="before")
     @classmethod
