@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from inference.client import LocalInference
+    from inference.batching import BatchingConfig, BatchingInference
     from service.app import create_app
     from service.assembly import ConfigurationError, build_backends
 
@@ -93,7 +93,14 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             "IMAGETAG_AUTH_MODE=none: every request is accepted without credentials; "
             "use this only on a trusted network"
         )
-    app = create_app(settings, LocalInference(lambda: _build_engine(settings)), backends)
+    batching = BatchingConfig(
+        max_batch_size=settings.batch_max_size,
+        max_wait_s=settings.batch_max_wait_s,
+        max_queue=settings.queue_max,
+        default_timeout_s=settings.request_timeout_s,
+    )
+    inference = BatchingInference(lambda: _build_engine(settings), batching)
+    app = create_app(settings, inference, backends)
     uvicorn.run(
         app,
         host=settings.host,
