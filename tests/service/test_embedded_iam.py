@@ -106,3 +106,20 @@ def test_signature_through_a_trusted_proxy_uses_the_original_host(embedded):
     assert forwarded.status_code == 200, forwarded.text
     direct = requests.post(url, data=body, headers=headers, timeout=60)
     assert direct.json()["error_code"] == "APIG.0301"
+
+
+def test_locustfile_runs_headless_against_the_server(embedded, tmp_path):
+    server, credentials, _ = embedded
+    (tmp_path / "dev.json").write_text(json.dumps(credentials))
+    locust = [sys.executable, "-m", "locust", "-f", str(REPO / "load-tests" / "locustfile.py"), "--headless",
+              "-u", "2", "-r", "2", "-t", "12s", "--host", server.base_url, "--credentials", str(tmp_path / "dev.json"),
+              "--only-summary", "--csv", str(tmp_path / "run")]
+    result = subprocess.run(locust, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    import csv
+
+    with (tmp_path / "run_stats.csv").open() as handle:
+        rows = {row["Name"]: row for row in csv.DictReader(handle)}
+    total = rows["Aggregated"]
+    assert int(total["Request Count"]) >= 4 and int(total["Failure Count"]) == 0
+    assert any(name.startswith("token ") for name in rows) and any(name.startswith("aksk ") for name in rows)
