@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--keyfile", type=Path, help="TLS private key (PEM)")
     serve.set_defaults(run=_serve)
 
+    worker = commands.add_parser(
+        "worker", help="serve inference jobs from Redis for remote gateways (needs IMAGETAG_REDIS_URL)"
+    )
+    worker.set_defaults(run=_worker)
+
     tag = commands.add_parser("tag", help="tag image files or folders; one JSON line per image")
     tag.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     tag.add_argument("--lang", choices=("zh", "en"), default="zh")
@@ -83,6 +88,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if bool(settings.tls_certfile) != bool(settings.tls_keyfile):
         print("imagetag: HTTPS needs both a certificate and a key", file=sys.stderr)
         return 2
+    if settings.inference == "remote" and not settings.redis_url:
+        print("imagetag: IMAGETAG_INFERENCE=remote needs IMAGETAG_REDIS_URL", file=sys.stderr)
+        return 2
     try:
         backends = build_backends(settings)
     except ConfigurationError as error:
@@ -99,7 +107,15 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         max_queue=settings.queue_max,
         default_timeout_s=settings.request_timeout_s,
     )
-    inference = BatchingInference(lambda: _build_engine(settings), batching)
+    if settings.inference == "remote":
+        from inference.remote import RemoteInference
+
+        assert backends.redis is not None  # built from IMAGETAG_REDIS_URL, checked above
+        inference = RemoteInference(
+            backends.redis, queue_max=settings.queue_max, default_timeout_s=settings.request_timeout_s
+        )
+    else:
+        inference = BatchingInference(lambda: _build_engine(settings), batching)
     app = create_app(settings, inference, backends)
     uvicorn.run(
         app,
@@ -109,6 +125,41 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         ssl_keyfile=settings.tls_keyfile,
         log_level=settings.log_level,
     )
+    return 0
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    if not settings.redis_url:
+        print("imagetag: `imagetag worker` needs IMAGETAG_REDIS_URL", file=sys.stderr)
+        return 2
+    import asyncio
+
+    from inference.detector import DetectorLoadError
+    from inference.worker import Worker, WorkerConfig, run_until_signalled
+    from service.assembly import redis_client
+    from service.worker_metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    metrics.serve(settings.host, settings.metrics_port)
+    config = WorkerConfig(
+        max_batch_size=settings.batch_max_size,
+        max_wait_s=settings.batch_max_wait_s,
+        heartbeat_s=settings.worker_heartbeat_s,
+        visibility_timeout_s=settings.job_visibility_timeout_s,
+    )
+
+    async def work() -> None:
+        client = redis_client(settings)
+        try:
+            await run_until_signalled(Worker(client, lambda: _build_engine(settings), config, metrics))
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(work())
+    except DetectorLoadError as error:
+        print(f"imagetag: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,345 @@
+"""The worker side of remote inference: `imagetag worker` serves `inference.remote`'s job stream.
+
+Each round takes up to `max_batch_size` jobs with XREADGROUP (now and then XAUTOCLAIM's jobs of a
+worker that stopped answering instead), answers expired ones without the models, runs the rest
+through `engine.predict` on the single model thread, pushes each job's own result to its reply
+list, then acks and deletes the entries. A worker reads only while its model thread is free, so
+waiting jobs go to whichever worker is idle rather than queue behind a busy one.
+
+Delivery is at least once: a worker killed mid-batch leaves its jobs pending, and once they have
+been idle for the visibility timeout another worker claims and serves them. The gateway drops
+the second result of a job served twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from inference.batching import BatchStats
+from inference.client import DeadlineExceeded, TagResult
+from inference.engine import ModelError, TaggingEngine
+from inference.remote import Channels, Job, blocking_budget, decode_image, encode_result, parse_job
+
+log = logging.getLogger(__name__)
+
+OUTCOMES = ("tagged", "model_error", "expired", "invalid")
+
+# Heartbeats carry their expiry on Redis's clock, so gateways need neither this worker's
+# interval nor a clock that agrees with this host's.
+_HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 3600)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+"""
+_LIVE_MEMBERS = """
+local t = redis.call('TIME')
+return redis.call('ZRANGEBYSCORE', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1000000, '+inf')
+"""
+_SWEEP_EVERY_S = 60.0
+# A live gateway reads its replies at once; the bound only caps what a stuck one can pile up.
+_REPLIES_MAX = 10_000
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+class WorkerObserver(Protocol):
+    """Plain numbers for a metrics exporter; `service.worker_metrics` has the Prometheus one."""
+
+    def batch(self, stats: BatchStats) -> None: ...
+
+    def jobs(self, outcome: str, count: int) -> None: ...
+
+    def up(self, serving: bool) -> None: ...
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    channels: Channels = Channels()
+    max_batch_size: int = 8
+    max_wait_s: float = 0.01
+    heartbeat_s: float = 2.0
+    visibility_timeout_s: float = 15.0
+    reply_ttl_s: float = 60.0  # beyond the job's deadline; a dead gateway's reply list then expires
+
+
+def consumer_name() -> str:
+    # The pid lets an operator find the process behind a consumer that XPENDING shows.
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Worker:
+    def __init__(
+        self,
+        client: Redis,
+        build_engine: Callable[[], TaggingEngine],
+        config: WorkerConfig = WorkerConfig(),
+        observer: WorkerObserver | None = None,
+    ) -> None:
+        self.name = consumer_name()
+        self._client = client
+        self._build_engine = build_engine
+        self._config = config
+        self._observer = observer
+        # One thread: the models are not re-entrant, and torch parallelises inside each call.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._live_members = client.register_script(_LIVE_MEMBERS)
+        self._block_ms = max(1, int(blocking_budget(client, 1.0) * 1000))
+        self._claim_every_s = max(0.1, min(config.visibility_timeout_s / 2, 5.0))
+        self._claim_cursor: bytes | str = "0-0"
+        self._group_ready = False
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """Finishes the batch in hand, then `run` returns."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            engine = await loop.run_in_executor(self._executor, self._build_engine)
+            if self._stopping.is_set():
+                return
+            beating = asyncio.create_task(self._beat_forever(), name="worker-heartbeat")
+            try:
+                await self._serve(engine)
+            finally:
+                self._stopping.set()  # also ends the heartbeat should its cancellation be lost
+                beating.cancel()
+                await asyncio.wait([beating], timeout=2.0)
+                await self._leave()
+        finally:
+            self._notify("up", False)
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _serve(self, engine: TaggingEngine) -> None:
+        next_claim = next_sweep = time.monotonic()
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                if not self._group_ready:
+                    await self._create_group()
+                entries: list[Entry] = []
+                if time.monotonic() >= next_claim:
+                    next_claim = time.monotonic() + self._claim_every_s
+                    entries = await self._claim()
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + _SWEEP_EVERY_S
+                    await self._forget_dead_consumers()
+                if not entries:
+                    entries = await self._read()
+                if entries:
+                    await self._handle(engine, entries)
+                failures = 0
+                self._notify("up", True)
+            except RedisError as error:
+                # Jobs in hand stay pending and are claimed again after the visibility timeout.
+                if isinstance(error, ResponseError) and "NOGROUP" in str(error):
+                    self._group_ready = False  # Redis restarted empty, or the stream was deleted
+                failures += 1
+                self._notify("up", False)
+                log.warning("Redis unavailable (%r); retrying", error)
+                await self._pause(min(0.1 * 2**failures, 2.0))
+
+    async def _create_group(self) -> None:
+        channels = self._config.channels
+        try:
+            # From "0", not "$": jobs queued before the first worker came up are still served.
+            await self._client.xgroup_create(channels.stream, channels.group, id="0", mkstream=True)
+        except ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+        self._group_ready = True
+
+    async def _read(self) -> list[Entry]:
+        channels, size = self._config.channels, self._config.max_batch_size
+        streams = {channels.stream: ">"}
+        entries = _entries(
+            await self._client.xreadgroup(channels.group, self.name, streams, count=size, block=self._block_ms)
+        )
+        if entries and len(entries) < size and self._config.max_wait_s > 0:
+            # XREADGROUP returns as soon as one job is there: give the batch a moment to fill.
+            await asyncio.sleep(self._config.max_wait_s)
+            more = await self._client.xreadgroup(channels.group, self.name, streams, count=size - len(entries))
+            entries += _entries(more)
+        return entries
+
+    async def _claim(self) -> list[Entry]:
+        channels = self._config.channels
+        cursor, claimed, *_ = await self._client.xautoclaim(
+            channels.stream,
+            channels.group,
+            self.name,
+            min_idle_time=int(self._config.visibility_timeout_s * 1000),
+            start_id=self._claim_cursor,
+            count=self._config.max_batch_size,
+        )
+        self._claim_cursor = cursor
+        # Redis (7.0+) drops entries deleted meanwhile from the pending list and lists them apart.
+        entries = [(entry_id, fields) for entry_id, fields in claimed if entry_id is not None and fields]
+        if entries:
+            log.warning("claimed %d jobs left unanswered by another worker", len(entries))
+        return entries
+
+    async def _handle(self, engine: TaggingEngine, entries: list[Entry]) -> None:
+        now = time.time()
+        replies: list[tuple[Job, TagResult | DeadlineExceeded]] = []
+        live: list[Job] = []
+        waits: list[float] = []
+        invalid = 0
+        for entry_id, fields in entries:
+            try:
+                job = parse_job(fields)
+            except ValueError as error:
+                invalid += 1  # nowhere to answer: ack and drop it
+                log.warning("dropped a malformed job: %s", error)
+                continue
+            if job.deadline <= now:
+                replies.append((job, DeadlineExceeded("the deadline passed before a worker took the job")))
+            else:
+                live.append(job)
+                waits.append(max(0.0, now - _enqueued_at(entry_id)))
+        model_s = 0.0
+        if live:
+            started = time.monotonic()
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(self._executor, _predict, engine, [job.image for job in live])
+            model_s = time.monotonic() - started
+            replies += zip(live, results)
+        queued = await self._answer(replies, [entry_id for entry_id, _ in entries])
+        for outcome, count in _outcomes(replies, invalid).items():
+            self._notify("jobs", outcome, count)
+        if live:
+            # Queue depth as the batch is answered, not as it was sent: that saves a round trip.
+            self._notify("batch", BatchStats(len(live), tuple(waits), model_s, queued))
+
+    async def _answer(self, replies: list[tuple[Job, TagResult | DeadlineExceeded]], entry_ids: list[bytes]) -> int:
+        """Pushes the results, then acks and deletes the entries; gives the jobs still queued."""
+        channels = self._config.channels
+        # Not a transaction: reply streams and the job stream may live on different cluster nodes,
+        # and a result sent twice is harmless. Results first: an ack must never outrun its result.
+        pipe = self._client.pipeline(transaction=False)
+        for job, result in replies:
+            pipe.xadd(job.reply_to, {"result": encode_result(job.id, result)}, maxlen=_REPLIES_MAX, approximate=True)
+            ttl = math.ceil(max(0.0, job.deadline - time.time()) + self._config.reply_ttl_s)
+            pipe.expire(job.reply_to, ttl)
+        pipe.xack(channels.stream, channels.group, *entry_ids)
+        pipe.xdel(channels.stream, *entry_ids)
+        pipe.xlen(channels.stream)
+        return int((await pipe.execute())[-1])
+
+    async def _forget_dead_consumers(self) -> None:
+        # Every restart adds a consumer to the group; drop those with no heartbeat and nothing
+        # pending (deleting one with pending jobs would lose them).
+        channels = self._config.channels
+        live = {_text(m) for m in await self._live_members(keys=[channels.workers])}
+        for consumer in await self._client.xinfo_consumers(channels.stream, channels.group):
+            name = _text(consumer["name"])
+            idle_s = consumer["idle"] / 1000
+            if name != self.name and name not in live and consumer["pending"] == 0 and idle_s > _SWEEP_EVERY_S:
+                await self._client.xgroup_delconsumer(channels.stream, channels.group, name)
+
+    async def _beat_forever(self) -> None:
+        ttl = 3 * self._config.heartbeat_s
+        while not self._stopping.is_set():
+            try:
+                await self._heartbeat(keys=[self._config.channels.workers], args=[self.name, ttl])
+            except RedisError as error:
+                log.warning("heartbeat failed: %r", error)
+            await asyncio.sleep(self._config.heartbeat_s)
+
+    async def _leave(self) -> None:
+        try:  # gateways stop counting on this worker at once, not when its heartbeat runs out
+            await self._client.zrem(self._config.channels.workers, self.name)
+        except RedisError:
+            pass
+
+    async def _pause(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    def _notify(self, method: str, *args: Any) -> None:
+        if self._observer is None:
+            return
+        try:
+            getattr(self._observer, method)(*args)
+        except Exception:
+            log.exception("the worker metrics hook failed")
+
+
+def _predict(engine: TaggingEngine, payloads: list[bytes]) -> list[TagResult]:
+    """Runs on the model thread; an image that fails to decode fails alone."""
+    results: list[TagResult | None] = [None] * len(payloads)
+    images, slots = [], []
+    for slot, payload in enumerate(payloads):
+        try:
+            images.append(decode_image(payload))
+            slots.append(slot)
+        except Exception:
+            results[slot] = ModelError("the worker could not decode this image")
+    try:
+        predicted = engine.predict(images) if images else []
+        if len(predicted) != len(images):
+            raise RuntimeError(f"predict gave {len(predicted)} results for {len(images)} images")
+    except Exception:
+        # The engine already isolates a bad image; reaching here is a bug, so fail only this batch.
+        log.exception("a batch of %d images failed", len(images))
+        predicted = [ModelError("the model failed to process this image") for _ in images]
+    for slot, result in zip(slots, predicted):
+        results[slot] = result
+    return [r for r in results if r is not None]
+
+
+def _outcomes(replies: list[tuple[Job, TagResult | DeadlineExceeded]], invalid: int) -> dict[str, int]:
+    counts = dict.fromkeys(OUTCOMES, 0)
+    counts["invalid"] = invalid
+    for _, result in replies:
+        if isinstance(result, DeadlineExceeded):
+            counts["expired"] += 1
+        elif isinstance(result, ModelError):
+            counts["model_error"] += 1
+        else:
+            counts["tagged"] += 1
+    return {outcome: count for outcome, count in counts.items() if count}
+
+
+def _entries(response: list | None) -> list[Entry]:
+    return [entry for _, entries in response or [] for entry in entries]
+
+
+def _enqueued_at(entry_id: bytes) -> float:
+    # A stream id starts with the Redis server's milliseconds when the job was added.
+    return int(entry_id.split(b"-")[0]) / 1000
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def run_until_signalled(worker: Worker) -> None:
+    """Runs `worker`; SIGTERM or SIGINT stops it once the batch in hand is answered."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    try:
+        await worker.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
