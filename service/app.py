@@ -29,6 +29,8 @@ from service.errors import (
 )
 from service.gate import Gate, Limits
 from service.iam import IamService
+from service.metrics import ERROR_CODE_STATE, Metrics, RequestMetricsMiddleware
+from service.metrics import router as metrics_router
 from service.routes import health, iam, tagging
 from service.settings import Settings
 from service.tagging import TaggingLimits, TaggingService
@@ -38,7 +40,9 @@ log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "X-Request-Id"
 
 
-def create_app(settings: Settings, inference: InferenceClient, backends: Backends) -> FastAPI:
+def create_app(
+    settings: Settings, inference: InferenceClient, backends: Backends, metrics: Metrics | None = None
+) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Load in the background so /healthz answers at once and /readyz says when we are ready.
@@ -67,10 +71,15 @@ def create_app(settings: Settings, inference: InferenceClient, backends: Backend
         ),
     )
     iam_enabled = settings.auth_mode == "iam"
+    metrics = metrics if metrics is not None else Metrics.from_settings(settings)
+    metrics.watch(inference)
     app.state.settings = settings
     app.state.inference = inference
+    app.state.metrics = metrics
     app.state.gate = gate
-    app.state.tagging = TaggingService(inference, TaggingLimits.from_settings(settings))
+    app.state.tagging = TaggingService(
+        inference, TaggingLimits.from_settings(settings), observe_decode=metrics.observe_decode
+    )
     app.state.authenticator = (
         Authenticator(
             backends.store,
@@ -84,11 +93,13 @@ def create_app(settings: Settings, inference: InferenceClient, backends: Backend
     app.include_router(tagging.router)
     app.include_router(iam.router)
     app.include_router(health.router)
+    app.include_router(metrics_router)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(RedisError, _redis_error)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # outermost: sees RequestId's 500s
     return app
 
 
@@ -97,33 +108,37 @@ def _log_load_failure(task: asyncio.Task) -> None:
         log.critical("loading the models failed: %s", task.exception())
 
 
-def error_response(error: ServiceError) -> JSONResponse:
+def error_response(error: ServiceError, scope: Scope | None = None) -> JSONResponse:
+    """The error envelope; with `scope`, the code is also noted there for the request metrics."""
     status, code = status_and_code(error)
+    if scope is not None:
+        scope.setdefault("state", {})[ERROR_CODE_STATE] = code
     return JSONResponse(
         {"error_code": code, "error_msg": error.message}, status_code=status, headers=error.headers
     )
 
 
 async def _service_error(request: Request, error: ServiceError) -> JSONResponse:
-    return error_response(error)
+    return error_response(error, request.scope)
 
 
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     if error.status_code in (404, 405):
-        return error_response(RouteNotFound(f"no API at {request.method} {request.url.path}"))
+        return error_response(RouteNotFound(f"no API at {request.method} {request.url.path}"), request.scope)
     log.warning("unexpected HTTP error %s: %s", error.status_code, error.detail)
-    return error_response(InternalError("unexpected error"))
+    return error_response(InternalError("unexpected error"), request.scope)
 
 
 async def _redis_error(request: Request, error: RedisError) -> JSONResponse:
     log.warning("Redis unavailable: %r", error)
     return error_response(
-        Overloaded("the shared store (Redis) is unreachable; retry shortly", headers={"Retry-After": "1"})
+        Overloaded("the shared store (Redis) is unreachable; retry shortly", headers={"Retry-After": "1"}),
+        request.scope,
     )
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    return error_response(InvalidParameter(f"invalid request: {error.errors()[0]['msg']}"))
+    return error_response(InvalidParameter(f"invalid request: {error.errors()[0]['msg']}"), request.scope)
 
 
 class RequestIdMiddleware:
@@ -157,5 +172,5 @@ class RequestIdMiddleware:
             log.exception("unhandled error in request %s", request_id)
             if started:
                 raise
-            response = error_response(InternalError(f"internal error; request id {request_id}"))
+            response = error_response(InternalError(f"internal error; request id {request_id}"), scope)
             await response(scope, receive, send_with_id)

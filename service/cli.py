@@ -77,6 +77,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from inference.batching import BatchingConfig, BatchingInference
     from service.app import create_app
     from service.assembly import ConfigurationError, build_backends
+    from service.metrics import Metrics
 
     overrides = {
         "host": args.host,
@@ -111,12 +112,14 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         from inference.remote import RemoteInference
 
         assert backends.redis is not None  # built from IMAGETAG_REDIS_URL, checked above
-        inference = RemoteInference(
+        remote = RemoteInference(
             backends.redis, queue_max=settings.queue_max, default_timeout_s=settings.request_timeout_s
         )
+        inference, metrics = remote, Metrics.from_settings(settings, workers_alive=lambda: remote.workers_alive)
     else:
-        inference = BatchingInference(lambda: _build_engine(settings), batching)
-    app = create_app(settings, inference, backends)
+        metrics = Metrics.from_settings(settings)
+        inference = BatchingInference(lambda: _build_engine(settings), batching, on_batch=metrics.observe_batch)
+    app = create_app(settings, inference, backends, metrics)
     uvicorn.run(
         app,
         host=settings.host,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image
@@ -46,9 +48,16 @@ class TaggingLimits:
 
 
 class TaggingService:
-    def __init__(self, inference: InferenceClient, limits: TaggingLimits) -> None:
+    def __init__(
+        self,
+        inference: InferenceClient,
+        limits: TaggingLimits,
+        *,
+        observe_decode: Callable[[float], None] | None = None,
+    ) -> None:
         self.inference = inference
         self.limits = limits
+        self.observe_decode = observe_decode
 
     async def tag(self, request: TaggingRequest) -> TaggingResponse:
         if request.image:
@@ -56,8 +65,16 @@ class TaggingService:
         else:
             data = await fetch_image_bytes(request.url, self.limits.fetch_policy)
         # Decoding a 4096 px JPEG takes tens of milliseconds: keep it off the event loop.
-        image = await asyncio.to_thread(load_image, data, self.limits.image_rules)
+        image = await asyncio.to_thread(self._decode, data)
         return await self.tag_image(image, request)
+
+    def _decode(self, data: bytes) -> Image.Image:
+        started = time.perf_counter()
+        try:
+            return load_image(data, self.limits.image_rules)
+        finally:
+            if self.observe_decode is not None:
+                self.observe_decode(time.perf_counter() - started)
 
     async def tag_image(self, image: Image.Image, request: TaggingRequest) -> TaggingResponse:
         if not self.inference.ready:
