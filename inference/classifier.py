@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -36,20 +38,121 @@ def preprocess(image: Image.Image) -> torch.Tensor:
     return (tensor.float() - PIXEL_MEAN) / PIXEL_STD
 
 
-class Classifier:
-    """Turns a batch of RGB images into ImageNet-1k class probabilities."""
+def load_model(weights: Path | None = None) -> torch.nn.Module:
+    """The float32 PyTorch model, in eval mode on the CPU: the reference every runtime matches."""
+    from efficientnet_lite_pytorch import EfficientNet
 
-    def __init__(self, weights: Path | None, device: torch.device) -> None:
-        from efficientnet_lite_pytorch import EfficientNet
+    model = EfficientNet.from_name("efficientnet-lite2")
+    state = torch.load(weights or default_weights_path(), map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
 
+
+def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy with every BatchNorm folded into the convolution before it (eval mode only).
+
+    The same rewrite ONNX Runtime and OpenVINO make; it saves PyTorch one pass over every
+    activation per convolution. Outputs change by float rounding only.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model = copy.deepcopy(model).eval()
+    pairs = [(model, "_conv_stem", "_bn0"), (model, "_conv_head", "_bn1")]
+    for block in model._blocks:
+        if hasattr(block, "_expand_conv"):
+            pairs.append((block, "_expand_conv", "_bn0"))
+        pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+    for owner, conv, bn in pairs:
+        setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
+        setattr(owner, bn, torch.nn.Identity())
+    return model
+
+
+class _TorchRunner:
+    """PyTorch: BatchNorm folded, channels-last memory layout, half precision on CUDA."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
         self.device = device
-        self.model = EfficientNet.from_name("efficientnet-lite2")
-        state = torch.load(weights or default_weights_path(), map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state, strict=True)
-        self.model.eval().to(device)
+        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self.model = fold_batchnorm(model).to(device, self.dtype, memory_format=torch.channels_last)
 
     @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
+        return self.model(batch).float().cpu()
+
+
+class _OnnxRunner:
+    """ONNX Runtime on the CPU, from the exported `.onnx` file."""
+
+    def __init__(self, path: Path, threads: int | None) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Idle ORT threads otherwise spin after each run, stealing the cores the detector runs on next.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        (logits,) = self.session.run(None, {self.input: batch.numpy()})
+        return torch.from_numpy(logits)
+
+
+class _OpenVinoRunner:
+    """OpenVINO on the CPU, from the exported IR."""
+
+    def __init__(self, path: Path, threads: int | None) -> None:
+        import openvino as ov
+
+        from inference.runtimes import openvino_config
+
+        config = openvino_config(threads)
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.lock = threading.Lock()
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            logits = self.request.infer({0: batch.numpy()})[0]
+            return torch.from_numpy(logits.copy())
+
+
+class Classifier:
+    """Turns a batch of RGB images into ImageNet-1k class probabilities.
+
+    `runtime`: "torch", "onnx" or "openvino" (resolve "auto" with `inference.runtimes` first);
+    the last two run an export of the same float weights, made once into `cache_dir`.
+    """
+
+    def __init__(
+        self,
+        weights: Path | None,
+        device: torch.device,
+        runtime: str = "torch",
+        cache_dir: Path | None = None,
+        threads: int | None = None,
+    ) -> None:
+        from inference.runtimes import classifier_export, default_cache_dir
+
+        self.device = device
+        self.runtime = runtime
+        weights = weights or default_weights_path()
+        model = load_model(weights)
+        if runtime == "torch":
+            self._run = _TorchRunner(model, device)
+        elif runtime in ("onnx", "openvino"):
+            if device.type != "cpu":
+                raise ValueError(f"the {runtime} classifier runtime runs on CPU only, not {device}")
+            path = classifier_export(model, weights, INPUT_SIZE, runtime, cache_dir or default_cache_dir())
+            self._run = _OnnxRunner(path, threads) if runtime == "onnx" else _OpenVinoRunner(path, threads)
+        else:
+            raise ValueError(f"unknown classifier runtime {runtime!r}")
+
     def predict(self, images: list[Image.Image]) -> np.ndarray:
         """Probabilities, shape (len(images), 1000)."""
-        batch = torch.stack([preprocess(image) for image in images]).to(self.device)
-        return self.model(batch).softmax(dim=-1).float().cpu().numpy()
+        batch = torch.stack([preprocess(image) for image in images])
+        return self._run(batch).softmax(dim=-1).numpy()

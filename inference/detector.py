@@ -58,7 +58,10 @@ class Detector:
         self.device = device
         self.image_size = image_size
         self.min_confidence = min_confidence
-        self.batched = not str(weights).endswith(_SINGLE_IMAGE_SUFFIXES)
+        # Ultralytics pads a batch of mixed-size images to 640x640 squares but a single image only
+        # to a tight rectangle, so a batch changes the boxes a little and, on a CPU, costs more per
+        # image than one at a time (load-tests/runtimes.py). Only a GPU gains from batching here.
+        self.batched = device.type == "cuda" and not str(weights).endswith(_SINGLE_IMAGE_SUFFIXES)
         self.half = device.type == "cuda"
 
     def predict(self, images: list[Image.Image]) -> list[list[Box]]:

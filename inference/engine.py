@@ -12,6 +12,12 @@ from PIL import Image
 from inference.classifier import Classifier
 from inference.detector import Detector, DetectorLoadError
 from inference.fusion import Calibration, ScoredTag, fuse
+from inference.runtimes import (
+    configure_openvino_detector,
+    default_cache_dir,
+    detector_weights_for,
+    resolve_runtime,
+)
 from inference.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -30,6 +36,12 @@ class EngineConfig:
     detector_min_confidence: float = 0.25
     torch_threads: int | None = None
     calibration: Calibration = field(default_factory=Calibration)
+    classifier_runtime: str = "auto"
+    """auto, torch, onnx or openvino (see `inference.runtimes`)."""
+    detector_runtime: str = "auto"
+    """auto, torch, onnx or openvino; applies to `.pt` weights (an exported file runs as it is)."""
+    runtime_cache_dir: Path | None = None
+    """Where ONNX/OpenVINO exports are made once and reused; None: the user's cache folder."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,16 +72,36 @@ class TaggingEngine:
             torch.set_num_threads(config.torch_threads)
         device = resolve_device(config.device)
         vocabulary = Vocabulary.load()
-        classifier = Classifier(config.classifier_weights, device)
-        detector = Detector(
-            config.detector_weights,
+        cache_dir = config.runtime_cache_dir or default_cache_dir()
+        classifier = _build_with_fallback(
+            "classifier",
+            config.classifier_runtime,
             device,
-            config.detector_image_size,
-            config.detector_min_confidence,
+            lambda runtime: Classifier(
+                config.classifier_weights, device, runtime, cache_dir, config.torch_threads
+            ),
         )
+        detector_files: list[Path] = []
+
+        def build_detector(runtime: str) -> Detector:
+            detector_files.append(
+                detector_weights_for(config.detector_weights, runtime, cache_dir, config.detector_image_size)
+            )
+            detector = Detector(
+                detector_files[-1], device, config.detector_image_size, config.detector_min_confidence
+            )
+            configure_openvino_detector(detector, config.torch_threads)
+            return detector
+
+        detector = _build_with_fallback("detector", config.detector_runtime, device, build_detector)
         engine = cls(vocabulary, classifier, detector, config.calibration)
         engine.warm_up()
-        log.info("models ready on %s (detector %s)", device, config.detector_weights)
+        log.info(
+            "models ready on %s: classifier on %s, detector %s",
+            device,
+            classifier.runtime,
+            detector_files[-1],
+        )
         return engine
 
     def warm_up(self) -> None:
@@ -96,6 +128,19 @@ class TaggingEngine:
             fuse(self.vocabulary, p, b, self.detector_keys, self.calibration)
             for p, b in zip(probabilities, boxes)
         ]
+
+
+def _build_with_fallback(model: str, requested: str, device: torch.device, build):
+    """Builds `model` on the requested runtime. An explicit choice that fails is an error; `auto`
+    that fails (say, an export that cannot be written) falls back to PyTorch with a warning."""
+    runtime = resolve_runtime(requested, device, model)
+    try:
+        return build(runtime)
+    except Exception as error:
+        if requested != "auto" or runtime == "torch":
+            raise
+        log.warning("cannot run the %s on %s (%r); using torch instead", model, runtime, error)
+        return build("torch")
 
 
 def _detector_keys(class_names, vocabulary: Vocabulary) -> dict[str, str]:

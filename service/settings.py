@@ -67,6 +67,15 @@ class Settings(BaseSettings):
         0.25, gt=0, lt=1, description="boxes below this raw detector score are dropped"
     )
     torch_threads: int | None = Field(None, ge=1, description="unset: torch's default")
+    classifier_runtime: Literal["auto", "torch", "onnx", "openvino"] = Field(
+        "auto", description="auto: half-precision torch on CUDA; on CPU OpenVINO, else ONNX Runtime, else torch"
+    )
+    detector_runtime: Literal["auto", "torch", "onnx", "openvino"] = Field(
+        "auto", description="as classifier_runtime; applies to .pt weights (an exported file runs as it is)"
+    )
+    runtime_cache_dir: Path | None = Field(
+        None, description="where ONNX/OpenVINO exports are made once and reused; unset: the user's cache"
+    )
 
     # Inference: in this process, or on `imagetag worker` processes reached through Redis Streams
     inference: Literal["local", "remote"] = Field(
@@ -132,6 +141,9 @@ class Settings(BaseSettings):
             detector_image_size=self.detector_image_size,
             detector_min_confidence=self.detector_min_confidence,
             torch_threads=self.torch_threads,
+            classifier_runtime=self.classifier_runtime,
+            detector_runtime=self.detector_runtime,
+            runtime_cache_dir=self.runtime_cache_dir,
         )
 
     def allowed_networks(self) -> tuple[IPNetwork, ...]:
