@@ -28,7 +28,7 @@ Clock = Callable[[], float]
 @dataclass(frozen=True)
 class BatchingConfig:
     max_batch_size: int = 8
-    max_wait_s: float = 0.01
+    max_wait_s: float = 0.0
     max_queue: int = 64
     default_timeout_s: float = 30.0
 

@@ -71,7 +71,7 @@ class WorkerObserver(Protocol):
 class WorkerConfig:
     channels: Channels = Channels()
     max_batch_size: int = 8
-    max_wait_s: float = 0.01
+    max_wait_s: float = 0.0
     heartbeat_s: float = 2.0
     visibility_timeout_s: float = 15.0
     reply_ttl_s: float = 60.0  # beyond the job's deadline; a dead gateway's reply list then expires

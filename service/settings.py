@@ -82,7 +82,9 @@ class Settings(BaseSettings):
         "local", description="local: models in this process; remote: jobs to workers via IMAGETAG_REDIS_URL"
     )
     batch_max_size: int = Field(8, ge=1, le=256)
-    batch_max_wait_s: float = Field(0.01, ge=0, le=1)
+    # No waiting by default: a batch forms anyway from what queues while the models are busy, and
+    # waiting for company only adds latency when the service is not (load-tests/benchmark.py).
+    batch_max_wait_s: float = Field(0.0, ge=0, le=1)
     queue_max: int = Field(64, ge=1, description="waiting images beyond which requests get 503 at once")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of one request's model work")
     worker_heartbeat_s: float = Field(2.0, gt=0)
