@@ -31,6 +31,8 @@ class BatchingConfig:
     max_wait_s: float = 0.0
     max_queue: int = 64
     default_timeout_s: float = 30.0
+    replicas: int = 1
+    """Engines, each on a thread of its own, serving batches side by side."""
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,13 @@ class BatchingInference:
         self._config = config
         self._on_batch = on_batch
         self._engine: TaggingEngine | None = None
-        # One thread: the models are not re-entrant, and torch parallelises inside each call.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        # One thread per replica: an engine is not re-entrant. On a small CPU, two single-threaded
+        # replicas keep the cores busier than one replica with two intra-op threads
+        # (load-tests/benchmark.py).
+        self._executors = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inference-{i}") for i in range(config.replicas)
+        ]
+        self._idle: asyncio.Queue[tuple[TaggingEngine, ThreadPoolExecutor]] = asyncio.Queue()
         self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=config.max_queue)
         self._pending: set[asyncio.Future[TagResult]] = set()
         self._running: set[asyncio.Task[None]] = set()
@@ -121,11 +128,13 @@ class BatchingInference:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        engine = await loop.run_in_executor(self._executor, self._build_engine)
-        if self._closed:
-            return
+        for executor in self._executors:
+            engine = await loop.run_in_executor(executor, self._build_engine)
+            if self._closed:
+                return
+            self._idle.put_nowait((engine, executor))
         self._engine = engine
-        self._loop_task = asyncio.create_task(self._batch_loop(engine), name="inference-batcher")
+        self._loop_task = asyncio.create_task(self._batch_loop(), name="inference-batcher")
         self._loop_task.add_done_callback(_log_loop_failure)
 
     async def tag(self, images: list[Image.Image], deadline: float | None = None) -> list[TagResult]:
@@ -169,37 +178,38 @@ class BatchingInference:
         for future in list(self._pending):
             if not future.done():
                 future.set_exception(InferenceClosed("the inference client closed first"))
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for executor in self._executors:
+            executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _batch_loop(self, engine: TaggingEngine) -> None:
+    async def _batch_loop(self) -> None:
         config = self._config
-        # At most one batch on the model thread; the next one collects meanwhile. Queueing more
-        # in the executor would move jobs out of the bounded queue and defeat its backpressure.
-        slot = asyncio.Semaphore(1)
+        # At most one batch per replica; the next one collects meanwhile. Queueing more in the
+        # executors would move jobs out of the bounded queue and defeat its backpressure.
         while True:
             batch = await collate(self._queue, config.max_batch_size, config.max_wait_s)
-            await slot.acquire()
-            # Waiting for the slot took time: re-check who still wants a result, then fill up.
+            replica = await self._idle.get()
+            # Waiting for a replica took time: re-check who still wants a result, then fill up.
             now = time.monotonic()
             live: list[Job] = []
             for job in batch:
                 _admit(job, live, now)
             take_ready(self._queue, live, config.max_batch_size, time.monotonic)
             if not live:
-                slot.release()
+                self._idle.put_nowait(replica)
                 continue
-            task = asyncio.create_task(self._run_batch(engine, live, slot))
+            task = asyncio.create_task(self._run_batch(replica, live))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _run_batch(self, engine: TaggingEngine, batch: list[Job], slot: asyncio.Semaphore) -> None:
+    async def _run_batch(self, replica: tuple[TaggingEngine, ThreadPoolExecutor], batch: list[Job]) -> None:
+        engine, executor = replica
         try:
             queue_depth = self._queue.qsize()
             started = time.monotonic()
             loop = asyncio.get_running_loop()
             try:
                 images = [job.image for job in batch]
-                results = await loop.run_in_executor(self._executor, engine.predict, images)
+                results = await loop.run_in_executor(executor, engine.predict, images)
                 if len(results) != len(batch):
                     raise RuntimeError(f"predict gave {len(results)} results for {len(batch)} images")
             except Exception:
@@ -212,7 +222,7 @@ class BatchingInference:
                 if not job.future.done():
                     job.future.set_result(result)
         finally:
-            slot.release()
+            self._idle.put_nowait(replica)
         waits = tuple(started - job.enqueued_at for job in batch)
         self._report(BatchStats(len(batch), waits, model_s, queue_depth))
 

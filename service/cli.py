@@ -107,6 +107,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         max_wait_s=settings.batch_max_wait_s,
         max_queue=settings.queue_max,
         default_timeout_s=settings.request_timeout_s,
+        replicas=settings.model_replicas,
     )
     if settings.inference == "remote":
         from inference.remote import RemoteInference

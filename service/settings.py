@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     # waiting for company only adds latency when the service is not (load-tests/benchmark.py).
     batch_max_wait_s: float = Field(0.0, ge=0, le=1)
     queue_max: int = Field(64, ge=1, description="waiting images beyond which requests get 503 at once")
+    # Two engines overlap one batch's Python work with the other's model work: on the 2-core
+    # development machine that is +10% throughput at concurrency 32 and no cost at concurrency 1
+    # (load-tests/benchmark.py, IMAGETAG_MODEL_REPLICAS=1 vs 2).
+    model_replicas: int = Field(2, ge=1, le=16, description="engines serving batches side by side in one process")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of one request's model work")
     worker_heartbeat_s: float = Field(2.0, gt=0)
     job_visibility_timeout_s: float = Field(
