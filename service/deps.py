@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -9,7 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Request, Response
 
 from service.auth.authenticator import IncomingRequest, Principal
-from service.errors import BodyTooLarge, InvalidParameter
+from service.errors import BodyTooLarge, InvalidJson, InvalidParameter
 
 # The SDK sends this literal (URL-decoded) when it was given no project id.
 _UNSET_PROJECT = "{project_id}"
@@ -32,6 +33,17 @@ async def read_body(request: Request) -> bytes:
 
 
 RawBody = Annotated[bytes, Depends(read_body)]
+
+
+def json_object(body: bytes) -> dict:
+    """The body as a JSON object; anything else is the contract's AIS.0014."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InvalidJson("the request body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise InvalidJson("the request body must be a JSON object")
+    return payload
 
 
 def path_project(request: Request) -> str | None:

@@ -49,14 +49,7 @@ class Authenticator:
 
     async def identify(self, request: IncomingRequest, path_project: str | None) -> Principal:
         """The caller, scoped to the project of the path, of `X-Project-Id`, or of the token."""
-        if token := request.headers.get("x-auth-token"):
-            principal = await self._from_token(token)
-        elif authorization := request.headers.get("authorization"):
-            principal = await self._from_signature(request, authorization)
-        else:
-            raise MissingCredentials(
-                "no credentials: send an IAM token in X-Auth-Token or sign the request with an AK/SK"
-            )
+        principal = await self.identify_domain(request)
         wanted = path_project or request.headers.get("x-project-id")
         return await self._scoped(principal, wanted)
 
@@ -66,7 +59,9 @@ class Authenticator:
             return await self._from_token(token)
         if authorization := request.headers.get("authorization"):
             return await self._from_signature(request, authorization)
-        raise MissingCredentials("no credentials: send X-Auth-Token or sign the request with an AK/SK")
+        raise MissingCredentials(
+            "no credentials: send an IAM token in X-Auth-Token or sign the request with an AK/SK"
+        )
 
     async def _from_token(self, token: str) -> Principal:
         record = await self.store.validate_token(token)
@@ -82,9 +77,10 @@ class Authenticator:
             raise InvalidCredentials(f"unsupported Authorization scheme; expected {ALGORITHM}")
         parsed = parse_authorization(authorization)
         key = await self.store.get_access_key(parsed.access_key)
+        # secret_for answers only for an enabled key of an enabled user.
         secret = await self.store.secret_for(parsed.access_key) if key else None
         if key is None or secret is None:
-            raise InvalidCredentials("unknown or disabled access key")
+            raise InvalidCredentials("unknown or disabled access key (or its user is disabled)")
         signed = RequestToSign(
             method=request.method,
             path=request.raw_path,
@@ -93,9 +89,6 @@ class Authenticator:
             body=request.body,
         )
         verify(secret, signed, parsed, now=datetime.now(UTC), max_skew=self.clock_skew)
-        user = await self.store.get_user(key.user_id)
-        if user is None or not user.enabled:
-            raise InvalidCredentials("the access key's user is disabled")
         return Principal(key.user_id, key.domain_id, None, key.ak, "aksk")
 
     def _as_signed(self, request: IncomingRequest) -> Mapping[str, str]:

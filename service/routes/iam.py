@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.deps import DomainCaller, RawBody
-from service.errors import InvalidJson, InvalidParameter
+from service.deps import DomainCaller, RawBody, json_object
+from service.errors import InvalidParameter
 from service.iam import IamService
 from service.protocol.common import ErrorBody
 from service.protocol.iam import ProjectList, TokenRequest, TokenResponse
@@ -35,12 +34,8 @@ Iam = Annotated[IamService, Depends(iam_service)]
     summary="Password login: a project-scoped token in X-Subject-Token",
 )
 async def create_token(request: Request, body: RawBody, iam: Iam, nocatalog: str | None = None) -> JSONResponse:
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InvalidJson("the request body is not valid JSON") from None
     token, response = await iam.login(
-        TokenRequest.parse(payload),
+        TokenRequest.parse(json_object(body)),
         client_host=request.client.host if request.client else None,
         with_catalog=nocatalog is None,
         base_url=str(request.base_url).rstrip("/"),

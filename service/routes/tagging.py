@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
-from service.deps import Admitted, RawBody
-from service.errors import InvalidJson
+from service.deps import Admitted, RawBody, json_object
 from service.protocol.common import ErrorBody
 from service.protocol.tagging import TaggingRequest, TaggingResponse
 from service.tagging import TaggingService
@@ -26,13 +24,7 @@ _BODY_SCHEMA = {
 
 async def tagging_request(body: RawBody, principal: Admitted) -> TaggingRequest:
     # Depends on admission so that credentials are checked before the body is judged.
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InvalidJson("the request body is not valid JSON") from None
-    if not isinstance(payload, dict):
-        raise InvalidJson("the request body must be a JSON object")
-    return TaggingRequest.parse(payload)
+    return TaggingRequest.parse(json_object(body))
 
 
 def tagging_service(request: Request) -> TaggingService:
