@@ -31,6 +31,9 @@ class Box:
     height: float
 
 
+# Ultralytics' own letterbox colour, so padding looks like the padding the network was trained on.
+_LETTERBOX_GREY = (114, 114, 114)
+
 # Formats whose exported graph has a fixed batch size of one.
 _SINGLE_IMAGE_SUFFIXES = (".tflite",)
 
@@ -39,7 +42,12 @@ class Detector:
     """Boxes for a batch of RGB images, in each image's own pixel coordinates."""
 
     def __init__(
-        self, weights: Path, device: torch.device, image_size: int, min_confidence: float
+        self,
+        weights: Path,
+        device: torch.device,
+        image_size: int,
+        min_confidence: float,
+        upscale_small: bool = False,
     ) -> None:
         if not weights.exists():
             raise DetectorLoadError(
@@ -58,6 +66,7 @@ class Detector:
         self.device = device
         self.image_size = image_size
         self.min_confidence = min_confidence
+        self.upscale_small = upscale_small
         # Ultralytics pads a batch of mixed-size images to 640x640 squares but a single image only
         # to a tight rectangle, so a batch changes the boxes a little and, on a CPU, costs more per
         # image than one at a time (load-tests/runtimes.py). Only a GPU gains from batching here.
@@ -70,6 +79,9 @@ class Detector:
         return [self._predict([image])[0] for image in images]
 
     def _predict(self, images: list[Image.Image]) -> list[list[Box]]:
+        sizes = [image.size for image in images]
+        if not self.upscale_small:
+            images = [self._pad_small(image) for image in images]
         results = self.model.predict(
             images,
             imgsz=self.image_size,
@@ -78,13 +90,29 @@ class Detector:
             half=self.half,
             verbose=False,
         )
-        return [self._boxes(result) for result in results]
+        return [self._boxes(result, size) for result, size in zip(results, sizes)]
 
-    def _boxes(self, result) -> list[Box]:
+    def _pad_small(self, image: Image.Image) -> Image.Image:
+        """An image smaller than the network input, placed top-left on a grey square of the input
+        size, so the letterbox does not enlarge it: YOLO was trained on objects at photo scale, and
+        a 50-pixel fruit blown up to 640 pixels comes back as a "person" (measured in
+        load-tests/fit_calibration.py, which compares both ways on the fitting photos)."""
+        if max(image.size) >= self.image_size:
+            return image
+        canvas = Image.new("RGB", (self.image_size, self.image_size), _LETTERBOX_GREY)
+        canvas.paste(image, (0, 0))
+        return canvas
+
+    def _boxes(self, result, size: tuple[int, int]) -> list[Box]:
+        """The boxes in the image's own pixels; a box reaching into the padding is cut at the
+        image's edge, and one wholly inside the padding is no box."""
+        width, height = size
         boxes = result.boxes
         found = []
         for cls, conf, (x1, y1, x2, y2) in zip(
             boxes.cls.tolist(), boxes.conf.tolist(), boxes.xyxy.tolist()
         ):
-            found.append(Box(self.names[int(cls)], conf, x1, y1, x2 - x1, y2 - y1))
+            x2, y2 = min(x2, width), min(y2, height)
+            if x2 > x1 and y2 > y1:
+                found.append(Box(self.names[int(cls)], conf, x1, y1, x2 - x1, y2 - y1))
         return found

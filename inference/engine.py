@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,7 +35,8 @@ class EngineConfig:
     detector_image_size: int = 640
     detector_min_confidence: float = 0.25
     torch_threads: int | None = None
-    calibration: Calibration = field(default_factory=Calibration)
+    calibration: Calibration | None = None
+    """None: the fitted calibration that ships with the vocabulary."""
     classifier_runtime: str = "auto"
     """auto, torch, onnx or openvino (see `inference.runtimes`)."""
     detector_runtime: str = "auto"
@@ -72,6 +73,7 @@ class TaggingEngine:
             torch.set_num_threads(config.torch_threads)
         device = resolve_device(config.device)
         vocabulary = Vocabulary.load()
+        calibration = config.calibration or Calibration.load()
         cache_dir = config.runtime_cache_dir or default_cache_dir()
         classifier = _build_with_fallback(
             "classifier",
@@ -88,13 +90,17 @@ class TaggingEngine:
                 detector_weights_for(config.detector_weights, runtime, cache_dir, config.detector_image_size)
             )
             detector = Detector(
-                detector_files[-1], device, config.detector_image_size, config.detector_min_confidence
+                detector_files[-1],
+                device,
+                config.detector_image_size,
+                config.detector_min_confidence,
+                upscale_small=calibration.detector_upscale_small,
             )
             configure_openvino_detector(detector, config.torch_threads)
             return detector
 
         detector = _build_with_fallback("detector", config.detector_runtime, device, build_detector)
-        engine = cls(vocabulary, classifier, detector, config.calibration)
+        engine = cls(vocabulary, classifier, detector, calibration)
         engine.warm_up()
         log.info(
             "models ready on %s: classifier on %s, detector %s",

@@ -41,6 +41,9 @@ class Vocabulary:
     """Tag key of each COCO-80 class index."""
     ancestors: dict[str, tuple[str, ...]]
     """Every more general tag of a key (parents, their parents, ...), without repeats."""
+    general: frozenset[str]
+    """Keys that are the parent of some other tag (`cat`, `animal`); the rest name one specific
+    thing (`tabby_cat`, `golden_retriever`)."""
 
     @classmethod
     def load(cls, directory: Path = VOCAB_DIR) -> Vocabulary:
@@ -65,7 +68,8 @@ class Vocabulary:
                 if parent not in tags:
                     raise VocabularyError(f"tag {tag.key!r} has unknown parent {parent!r}")
         ancestors = {key: _ancestors(key, tags) for key in tags}
-        return cls(tags, tuple(indexed["imagenet"]), tuple(indexed["coco"]), ancestors)
+        general = frozenset(parent for tag in tags.values() for parent in tag.parents)
+        return cls(tags, tuple(indexed["imagenet"]), tuple(indexed["coco"]), ancestors, general)
 
 
 def _read(path: Path) -> list[dict[str, str]]:

@@ -43,12 +43,17 @@ from tests.conftest import (
     start_server,
     stop_server,
 )
-from tests.inference.test_quality import EXPECTED, KNOWN_MISSES
 
 CHANNELS = Channels()
 VISIBILITY_S = 3.0
-# Photos whose expected tag the models put in the top five (see test_quality).
-GOOD = {row["file"]: row["expected_en"] for row in EXPECTED if row["file"] not in KNOWN_MISSES}
+# Photos whose main subject the models put in the top five whichever way the images travel.
+GOOD = {
+    "airplane_cutout.jpg": "airplane", "astronaut.jpg": "person", "bird_nuthatch.jpg": "bird",
+    "boats_lake.jpg": "boat", "bus.jpg": "bus", "cameraman_gray.jpg": "person", "cat_chelsea.jpg": "cat",
+    "china_temple.jpg": "building", "coffee.jpg": "espresso", "dogs_spaniels.jpg": "dog", "fig.jpg": "fig",
+    "fire_truck_cutout.jpg": "fire engine", "grace_hopper.jpg": "person", "ladybug.jpg": "ladybug",
+    "mountain_picos.jpg": "mountain", "portrait_man.jpg": "person", "strawberry_cutout.jpg": "strawberry",
+}
 VOCABULARY = Vocabulary.load()
 
 
