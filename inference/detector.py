@@ -63,6 +63,7 @@ class Detector:
             self.names: dict[int, str] = dict(self.model.names)
         except Exception as error:  # ultralytics raises many unrelated types for a bad file
             raise DetectorLoadError(f"cannot load detector weights {weights}: {error!r}") from error
+        self.weights = weights
         self.device = device
         self.image_size = image_size
         self.min_confidence = min_confidence

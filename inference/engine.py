@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from inference.classifier import Classifier
-from inference.detector import Detector, DetectorLoadError
+from inference.detector import Box, Detector, DetectorLoadError
 from inference.fusion import Calibration, ScoredTag, fuse
 from inference.runtimes import (
     configure_openvino_detector,
@@ -29,7 +29,9 @@ class ModelError(RuntimeError):
 
 @dataclass(frozen=True)
 class EngineConfig:
-    detector_weights: Path
+    detector_weights: tuple[Path, ...]
+    """One or more detectors, run side by side; each must speak a known class list (COCO-80,
+    Open Images V7), and their boxes are fused per tag."""
     classifier_weights: Path | None = None
     device: str = "auto"
     detector_image_size: int = 640
@@ -58,14 +60,14 @@ class TaggingEngine:
         self,
         vocabulary: Vocabulary,
         classifier: Classifier,
-        detector: Detector,
+        detectors: tuple[Detector, ...],
         calibration: Calibration,
     ) -> None:
         self.vocabulary = vocabulary
         self.classifier = classifier
-        self.detector = detector
+        self.detectors = detectors
         self.calibration = calibration
-        self.detector_keys = _detector_keys(detector.names.values(), vocabulary)
+        self.detector_keys = _detector_keys(detectors, vocabulary)
 
     @classmethod
     def build(cls, config: EngineConfig) -> TaggingEngine:
@@ -85,10 +87,8 @@ class TaggingEngine:
         )
         detector_files: list[Path] = []
 
-        def build_detector(runtime: str) -> Detector:
-            detector_files.append(
-                detector_weights_for(config.detector_weights, runtime, cache_dir, config.detector_image_size)
-            )
+        def build_detector(weights: Path, runtime: str) -> Detector:
+            detector_files.append(detector_weights_for(weights, runtime, cache_dir, config.detector_image_size))
             detector = Detector(
                 detector_files[-1],
                 device,
@@ -99,14 +99,19 @@ class TaggingEngine:
             configure_openvino_detector(detector, config.torch_threads)
             return detector
 
-        detector = _build_with_fallback("detector", config.detector_runtime, device, build_detector)
-        engine = cls(vocabulary, classifier, detector, calibration)
+        detectors = tuple(
+            _build_with_fallback(
+                "detector", config.detector_runtime, device, lambda runtime, w=weights: build_detector(w, runtime)
+            )
+            for weights in config.detector_weights
+        )
+        engine = cls(vocabulary, classifier, detectors, calibration)
         engine.warm_up()
         log.info(
-            "models ready on %s: classifier on %s, detector %s",
+            "models ready on %s: classifier on %s, detectors %s",
             device,
             classifier.runtime,
-            detector_files[-1],
+            ", ".join(str(f) for f in detector_files),
         )
         return engine
 
@@ -129,11 +134,20 @@ class TaggingEngine:
 
     def _predict_batch(self, images: list[Image.Image]) -> list[list[ScoredTag]]:
         probabilities = self.classifier.predict(images)
-        boxes = self.detector.predict(images)
+        boxes = self.detect(images)
         return [
             fuse(self.vocabulary, p, b, self.detector_keys, self.calibration)
             for p, b in zip(probabilities, boxes)
         ]
+
+
+    def detect(self, images: list[Image.Image]) -> list[list[Box]]:
+        """Every detector's boxes for each image, together."""
+        found: list[list[Box]] = [[] for _ in images]
+        for detector in self.detectors:
+            for boxes, more in zip(found, detector.predict(images)):
+                boxes.extend(more)
+        return found
 
 
 def _build_with_fallback(model: str, requested: str, device: torch.device, build):
@@ -149,15 +163,23 @@ def _build_with_fallback(model: str, requested: str, device: torch.device, build
         return build("torch")
 
 
-def _detector_keys(class_names, vocabulary: Vocabulary) -> dict[str, str]:
-    """Maps the detector's class names ("hair drier") onto tag keys ("hair_drier")."""
-    keys = {}
-    for name in class_names:
-        key = name.strip().lower().replace(" ", "_")
-        if key not in vocabulary.tags:
+def _detector_keys(detectors: tuple[Detector, ...], vocabulary: Vocabulary) -> dict[str, str]:
+    """Maps every detector's class names ("hair drier", "Adhesive tape") onto tag keys, through
+    the one known class list that holds all of a detector's names."""
+    keys: dict[str, str] = {}
+    for detector in detectors:
+        names = set(detector.names.values())
+        known = {table: classes for table, classes in vocabulary.detector_classes.items() if names <= classes.keys()}
+        if not known:
+            closest = max(vocabulary.detector_classes.values(), key=lambda classes: len(names & classes.keys()))
+            unknown = sorted(names - closest.keys())
             raise DetectorLoadError(
-                f"detector class {name!r} has no entry in the tag vocabulary; "
-                "only COCO-80 detectors are supported"
+                f"detector {detector.weights} has classes no known class list ("
+                f"{', '.join(vocabulary.detector_classes)}) names: {', '.join(map(repr, unknown[:10]))}"
+                f"{f' and {len(unknown) - 10} more' if len(unknown) > 10 else ''}"
             )
-        keys[name] = key
+        classes = next(iter(known.values()))
+        for name in names:
+            if keys.setdefault(name, classes[name]) != classes[name]:
+                raise DetectorLoadError(f"two detectors mean different things by class {name!r}")
     return keys

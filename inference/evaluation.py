@@ -79,7 +79,7 @@ def observe(engine, photos: Iterable[LabelledPhoto], calibration: Calibration | 
         with Image.open(photo.path) as opened:
             image = opened.convert("RGB")
         (probabilities,) = engine.classifier.predict([image])
-        (boxes,) = engine.detector.predict([image])
+        (boxes,) = engine.detect([image])
         evidence, _ = gather(engine.vocabulary, probabilities, boxes, engine.detector_keys)
         tags = fuse(engine.vocabulary, probabilities, boxes, engine.detector_keys, calibration)
         observations.append(Observation(photo, evidence, tags))

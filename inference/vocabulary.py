@@ -8,6 +8,8 @@ from pathlib import Path
 
 VOCAB_DIR = Path(__file__).parent / "vocab"
 TAG_TYPES = frozenset({"object", "scene", "concept"})
+DETECTOR_TABLES = ("coco", "openimages")
+"""The class lists of the detectors the engine accepts, one table each (with the class `name`)."""
 _TAG_COLUMNS = ("en", "zh", "type", "category", "parents")
 
 
@@ -37,8 +39,9 @@ class Vocabulary:
     tags: dict[str, Tag]
     imagenet: tuple[str, ...]
     """Tag key of each ImageNet-1k class index."""
-    coco: tuple[str, ...]
-    """Tag key of each COCO-80 class index."""
+    detector_classes: dict[str, dict[str, str]]
+    """For each detector vocabulary (`coco`, `openimages`): the tag key of each class name, as
+    the detector's weights name their classes."""
     ancestors: dict[str, tuple[str, ...]]
     """Every more general tag of a key (parents, their parents, ...), without repeats."""
     general: frozenset[str]
@@ -53,13 +56,16 @@ class Vocabulary:
         }
         rows_by_key: dict[str, dict[str, str]] = {}
         indexed: dict[str, list[str]] = {}
-        for table in ("concepts", "coco", "imagenet"):
+        detector_classes: dict[str, dict[str, str]] = {}
+        for table in ("concepts", "imagenet", *DETECTOR_TABLES):
             keys = []
             for row in _read(directory / f"{table}.tsv"):
                 _merge_row(rows_by_key, row, table)
                 keys.append(row["key"])
                 if "index" in row and int(row["index"]) != len(keys) - 1:
                     raise VocabularyError(f"{table}.tsv: index {row['index']} out of order")
+                if table in DETECTOR_TABLES:
+                    detector_classes.setdefault(table, {})[row["name"]] = row["key"]
             indexed[table] = keys
 
         tags = {key: _make_tag(row, categories) for key, row in rows_by_key.items()}
@@ -69,7 +75,7 @@ class Vocabulary:
                     raise VocabularyError(f"tag {tag.key!r} has unknown parent {parent!r}")
         ancestors = {key: _ancestors(key, tags) for key in tags}
         general = frozenset(parent for tag in tags.values() for parent in tag.parents)
-        return cls(tags, tuple(indexed["imagenet"]), tuple(indexed["coco"]), ancestors, general)
+        return cls(tags, tuple(indexed["imagenet"]), detector_classes, ancestors, general)
 
 
 def _read(path: Path) -> list[dict[str, str]]:

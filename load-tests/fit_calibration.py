@@ -60,7 +60,8 @@ def main() -> int:
     term_sets = [c for n in range(len(OPTIONAL_TERMS) + 1) for c in itertools.combinations(OPTIONAL_TERMS, n)]
     candidates = []
     for upscale in (True, False):
-        engine.detector.upscale_small = upscale
+        for detector in engine.detectors:
+            detector.upscale_small = upscale
         observations = observe(engine, photos, _PROVISIONAL)
         for terms in term_sets:
             loss, right, shown = _cross_validate(observations, folds, terms)
@@ -80,7 +81,7 @@ def main() -> int:
             "labels_sha256": hashlib.sha256(LABELS.read_bytes()).hexdigest(),
             "split": "fit",
             "photos": len(photos),
-            "detector": settings.detector_weights.name,
+            "detector": ", ".join(w.name for w in settings.detector_weights),
             "command": "load-tests/fit_calibration.py",
             "cross_validated_log_loss": round(loss, 4),
         },

@@ -44,7 +44,7 @@ def main() -> int:
     quality = measure(observations, engine.vocabulary)
     fitted = engine.calibration.fitted_on
     print(
-        f"Detector `{settings.detector_weights.name}`, classifier EfficientNet-Lite2; calibration "
+        f"Detector `{', '.join(w.name for w in settings.detector_weights)}`, classifier EfficientNet-Lite2; calibration "
         f"fitted on the {fitted.get('photos', '?')} `{fitted.get('split', '?')}` photos. "
         f"Measured on the {quality.photos} `{args.split}` photos at the default threshold 60.\n"
     )

@@ -172,7 +172,7 @@ def engine_cases(weights: Path, cache_dir: Path, threads: int) -> list[Case]:
     cases = []
     for classifier_runtime, detector_runtime in combos:
         config = EngineConfig(
-            detector_weights=weights,
+            detector_weights=(weights,),
             device="cpu",
             torch_threads=threads,
             classifier_runtime=classifier_runtime,

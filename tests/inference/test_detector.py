@@ -9,7 +9,7 @@ from tests.conftest import PHOTOS
 @pytest.fixture()
 def detector(engine):
     assert not engine.calibration.detector_upscale_small, "the shipped calibration was fitted on padded images"
-    return engine.detector
+    return engine.detectors[0]
 
 
 def test_a_small_image_is_padded_at_its_own_size(detector):

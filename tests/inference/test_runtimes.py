@@ -248,7 +248,7 @@ def test_exported_detector_files_are_loaded_as_they_are(tmp_path):
 
 def engine_config(cache: Path, classifier: str, detector: str) -> EngineConfig:
     return EngineConfig(
-        detector_weights=DETECTOR_WEIGHTS,
+        detector_weights=(DETECTOR_WEIGHTS,),
         device="cpu",
         torch_threads=2,
         classifier_runtime=classifier,
@@ -282,7 +282,7 @@ def test_engine_on_the_chosen_runtimes_tags_like_the_reference(runtime_cache, ph
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_engine_on_cuda_in_half_precision_tags_like_the_cpu_reference(runtime_cache, photos):
     on_cuda = TaggingEngine.build(replace(engine_config(runtime_cache, "auto", "auto"), device="cuda"))
-    assert on_cuda.classifier.runtime == "torch" and on_cuda.detector.half
+    assert on_cuda.classifier.runtime == "torch" and on_cuda.detectors[0].half
     reference = TaggingEngine.build(engine_config(runtime_cache, "torch", "torch"))
     assert_same_tags(on_cuda, reference, photos, HALF_TAG_TOLERANCE)
 

@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -17,8 +18,44 @@ def vocabulary() -> Vocabulary:
 
 def test_every_model_class_has_a_tag(vocabulary):
     assert len(vocabulary.imagenet) == 1000
-    assert len(vocabulary.coco) == 80
-    assert all(key in vocabulary.tags for key in vocabulary.imagenet + vocabulary.coco)
+    assert {name: len(classes) for name, classes in vocabulary.detector_classes.items()} == {"coco": 80, "openimages": 601}
+    assert all(key in vocabulary.tags for key in vocabulary.imagenet)
+    for classes in vocabulary.detector_classes.values():
+        assert all(key in vocabulary.tags for key in classes.values())
+
+
+def test_detector_class_lists_are_the_ones_their_weights_use():
+    import ultralytics
+    import yaml
+
+    from tests.conftest import SHARED_WEIGHTS
+
+    vocabulary = Vocabulary.load()
+    coco = yaml.safe_load((SHARED_WEIGHTS / "yolov8n.metadata.yaml").read_text())["names"]
+    assert list(vocabulary.detector_classes["coco"]) == [coco[i] for i in range(80)]
+    packaged = Path(ultralytics.__file__).parent / "cfg" / "datasets" / "open-images-v7.yaml"
+    open_images = yaml.safe_load(packaged.read_text())["names"]
+    assert list(vocabulary.detector_classes["openimages"]) == [open_images[i] for i in range(601)]
+
+
+@pytest.mark.parametrize(
+    ("open_images", "key"),
+    [("Cat", "cat"), ("Person", "person"), ("Airplane", "airplane"), ("Animal", "animal"),
+     ("Mammal", "mammal"), ("Flower", "flower"), ("Cattle", "cow"), ("Mobile phone", "cell_phone"),
+     ("Kite", "kite"), ("Football", "soccer_ball")],
+)
+def test_an_open_images_class_that_is_a_known_thing_is_that_tag(vocabulary, open_images, key):
+    assert vocabulary.detector_classes["openimages"][open_images] == key
+
+
+def test_open_images_adds_what_the_photos_missed(vocabulary):
+    classes = vocabulary.detector_classes["openimages"]
+    for name, zh, ancestor in [("Raccoon", "浣熊", "mammal"), ("Rose", "玫瑰", "flower"), ("Tree", "树", "plant"),
+                               ("Rocket", "火箭", "vehicle"), ("Skyscraper", "摩天大楼", "building"),
+                               ("Common sunflower", "向日葵", "flower")]:
+        tag = vocabulary.tags[classes[name]]
+        assert tag.zh == zh, tag
+        assert ancestor in vocabulary.ancestors[tag.key], (tag, vocabulary.ancestors[tag.key])
 
 
 def test_chinese_names_are_chinese_and_distinct(vocabulary):
@@ -34,7 +71,7 @@ def test_chinese_names_are_chinese_and_distinct(vocabulary):
 
 def test_same_thing_in_both_models_is_one_tag(vocabulary):
     for key in ("banana", "laptop", "zebra", "pizza", "umbrella"):
-        assert key in vocabulary.imagenet and key in vocabulary.coco
+        assert key in vocabulary.imagenet and key in vocabulary.detector_classes["coco"].values()
 
 
 def test_parents_chain_up_to_general_concepts(vocabulary):
