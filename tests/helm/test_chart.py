@@ -982,3 +982,22 @@ def test_chart_environment_runs_a_real_gateway_and_worker(renderings, chart_redi
                 process.wait()
         for handle in handles:
             handle.close()
+
+
+def test_extra_detectors_run_side_by_side(monkeypatch) -> None:
+    from service.cli import _parser
+
+    fetched = render({"weights": {"extraDetectors": ["yolov8s-oiv7"]}})
+    pod = deployment(fetched, "gateway")["spec"]["template"]["spec"]
+    names = [_parser().parse_args(init["command"][1:]).name for init in pod["initContainers"]]
+    assert names == ["yolo11n", "yolov8s-oiv7"]
+    assert len({init["name"] for init in pod["initContainers"]}) == 2
+    settings = settings_from(resolved_env(pod["containers"][0]), monkeypatch)
+    assert settings.detector_weights == [Path("/weights/yolo11n.pt"), Path("/weights/yolov8s-oiv7.pt")]
+
+    claimed = render({"weights": {"source": "pvc", "existingClaim": "models", "detectorFile": "yolo11s.pt",
+                                  "extraDetectors": ["oiv7/yolov8s-oiv7.pt"]}})
+    pod = deployment(claimed, "gateway")["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    settings = settings_from(resolved_env(pod["containers"][0]), monkeypatch)
+    assert settings.detector_weights == [Path("/weights/yolo11s.pt"), Path("/weights/oiv7/yolov8s-oiv7.pt")]

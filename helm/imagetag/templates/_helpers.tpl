@@ -198,17 +198,22 @@ its IMAGETAG_WEIGHTS_DIR, which the chart leaves as the image sets it.
 /fetched-weights
 {{- end }}
 
-{{- define "imagetag.detectorPath" -}}
-{{- if eq .Values.weights.source "fetch" }}
-{{- printf "%s/%s.pt" (trimSuffix "/" .Values.weights.mountPath) .Values.weights.detector }}
-{{- else }}
-{{- printf "%s/%s" (trimSuffix "/" .Values.weights.mountPath) .Values.weights.detectorFile }}
-{{- end }}
+{{/* The detector files, the first and weights.extraDetectors, comma-separated as the setting takes them. */}}
+{{- define "imagetag.detectorPaths" -}}
+{{- $weights := .Values.weights -}}
+{{- $mount := trimSuffix "/" $weights.mountPath -}}
+{{- $paths := list -}}
+{{- if eq $weights.source "fetch" -}}
+{{- range prepend ($weights.extraDetectors | default list) $weights.detector }}{{ $paths = append $paths (printf "%s/%s.pt" $mount .) }}{{ end -}}
+{{- else -}}
+{{- range prepend ($weights.extraDetectors | default list) $weights.detectorFile }}{{ $paths = append $paths (printf "%s/%s" $mount .) }}{{ end -}}
+{{- end -}}
+{{- join "," $paths -}}
 {{- end }}
 
 {{- define "imagetag.weightsEnv" -}}
 - name: IMAGETAG_DETECTOR_WEIGHTS
-  value: {{ include "imagetag.detectorPath" . | quote }}
+  value: {{ include "imagetag.detectorPaths" . | quote }}
 {{- end }}
 
 {{- define "imagetag.weightsVolumes" -}}
@@ -235,25 +240,27 @@ its IMAGETAG_WEIGHTS_DIR, which the chart leaves as the image sets it.
 {{/* Call with (dict "root" $ "image" .Values.gateway.image "extraEnv" .Values.gateway.extraEnv) */}}
 {{- define "imagetag.weightsInitContainers" -}}
 {{- if eq .root.Values.weights.source "fetch" }}
-- name: fetch-weights
-  image: {{ include "imagetag.image" . }}
-  imagePullPolicy: {{ .image.pullPolicy }}
-  command: ["imagetag", "weights", "fetch", {{ .root.Values.weights.detector | quote }}, "--dir", {{ include "imagetag.fetchDir" . | quote }}]
+{{- range $index, $detector := prepend (.root.Values.weights.extraDetectors | default list) .root.Values.weights.detector }}
+- name: {{ if eq $index 0 }}fetch-weights{{ else }}fetch-weights-{{ $index }}{{ end }}
+  image: {{ include "imagetag.image" $ }}
+  imagePullPolicy: {{ $.image.pullPolicy }}
+  command: ["imagetag", "weights", "fetch", {{ $detector | quote }}, "--dir", {{ include "imagetag.fetchDir" $ | quote }}]
   env:
     - name: HOME
       value: /tmp
-    {{- with .extraEnv }}
+    {{- with $.extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
   securityContext:
-    {{- toYaml .root.Values.securityContext | nindent 4 }}
+    {{- toYaml $.root.Values.securityContext | nindent 4 }}
   resources:
-    {{- toYaml .root.Values.weights.fetchResources | nindent 4 }}
+    {{- toYaml $.root.Values.weights.fetchResources | nindent 4 }}
   volumeMounts:
     - name: weights
-      mountPath: {{ include "imagetag.fetchDir" . }}
+      mountPath: {{ include "imagetag.fetchDir" $ }}
     - name: tmp
       mountPath: /tmp
+{{- end }}
 {{- end }}
 {{- end }}
 
