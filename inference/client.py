@@ -1,8 +1,9 @@
 """How the API reaches the models: one async interface, implementations chosen at start-up.
 
-`inference.batching.BatchingInference` runs the engine in this process on a dedicated thread, so
-the event loop never blocks on model work, and gathers concurrent requests into batches; a remote
-implementation reaches worker processes through Redis behind the same interface.
+`inference.batching.BatchingInference` runs engine replicas in this process, each on a thread of
+its own, so the event loop never blocks on model work, and gathers concurrent requests into
+batches; `inference.remote.RemoteInference` reaches worker processes through Redis behind the
+same interface. `service.assembly` picks one from the settings.
 
 Errors a caller may see from `tag` (a model failure on one image is not raised: it is that
 image's `ModelError` result):

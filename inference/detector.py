@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
-
-# Ultralytics otherwise tries to pip-install missing runtimes, phones home, and logs to stdout
-# (where `imagetag tag` writes its JSON lines). Set before ultralytics is first imported.
-os.environ.setdefault("YOLO_AUTOINSTALL", "false")
-os.environ.setdefault("YOLO_OFFLINE", "true")
-os.environ.setdefault("YOLO_VERBOSE", "false")
-
 
 class DetectorLoadError(RuntimeError):
     """The configured weights cannot be used; raised at start-up with a message for operators."""
@@ -46,6 +38,9 @@ class Detector:
                 f"detector weights {weights} not found: set IMAGETAG_DETECTOR_WEIGHTS, or run "
                 "`imagetag weights fetch yolo11n` on a machine with internet access"
             )
+        from inference.runtimes import keep_runtimes_offline
+
+        keep_runtimes_offline()
         from ultralytics import YOLO
 
         try:

@@ -16,6 +16,7 @@ from inference.runtimes import (
     configure_openvino_detector,
     default_cache_dir,
     detector_weights_for,
+    keep_runtimes_offline,
     resolve_runtime,
 )
 from inference.vocabulary import Vocabulary
@@ -68,6 +69,7 @@ class TaggingEngine:
 
     @classmethod
     def build(cls, config: EngineConfig) -> TaggingEngine:
+        keep_runtimes_offline()
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         device = resolve_device(config.device)
@@ -110,7 +112,10 @@ class TaggingEngine:
 
     def predict(self, images: list[Image.Image]) -> list[list[ScoredTag] | ModelError]:
         try:
-            return self._predict_batch(images)
+            results = self._predict_batch(images)
+            if len(results) != len(images):
+                raise RuntimeError(f"the models gave {len(results)} results for {len(images)} images")
+            return results
         except Exception:
             if len(images) == 1:
                 log.exception("model failure on a single image")

@@ -15,10 +15,9 @@ from pathlib import Path
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from inference.engine import TaggingEngine  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from inference.engine import TaggingEngine
+from service.settings import Settings
 
 PHOTOS = REPO / "tests" / "photos"
 TOP = 5

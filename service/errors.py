@@ -82,3 +82,8 @@ def status_and_code(error: ServiceError) -> tuple[int, str]:
         if cls in CATALOGUE:
             return CATALOGUE[cls]
     return CATALOGUE[InternalError]
+
+
+def error_body(error: ServiceError) -> dict[str, str]:
+    """The envelope's fields, for HTTP and for `imagetag tag`'s JSON lines alike."""
+    return {"error_code": status_and_code(error)[1], "error_msg": error.message}

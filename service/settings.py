@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -15,6 +15,10 @@ if TYPE_CHECKING:
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 MiB = 1024 * 1024
+
+
+class ConfigurationError(RuntimeError):
+    """Settings that cannot work together; reported at start-up, before serving."""
 
 
 class Settings(BaseSettings):
@@ -136,6 +140,12 @@ class Settings(BaseSettings):
         for network in value:
             ipaddress.ip_network(network, strict=False)
         return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if bool(self.tls_certfile) != bool(self.tls_keyfile):
+            raise ValueError("HTTPS needs both a certificate (tls_certfile) and a key (tls_keyfile)")
+        return self
 
     def engine_config(self) -> EngineConfig:
         from inference.engine import EngineConfig

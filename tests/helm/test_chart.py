@@ -331,13 +331,13 @@ class StandInInference:
 @pytest.fixture(scope="module")
 def gateway_app(tmp_path_factory):
     from service.app import create_app
-    from service.assembly import build_backends
+    from service.assembly import build_components
 
     settings = Settings(data_dir=tmp_path_factory.mktemp("data"), auth_mode="none", redis_url=None, master_key="k" * 32)
-    backends = build_backends(settings)
     inference = StandInInference()
-    yield create_app(settings, inference, backends), inference
-    asyncio.run(backends.close())
+    components = build_components(settings, inference=inference)
+    yield create_app(components), inference
+    asyncio.run(components.backends.close())
 
 
 class AppClient:
