@@ -37,8 +37,6 @@ class Vocabulary:
     tags: dict[str, Tag]
     imagenet: tuple[str, ...]
     """Tag key of each ImageNet-1k class index."""
-    coco: tuple[str, ...]
-    """Tag key of each COCO-80 class index."""
     ancestors: dict[str, tuple[str, ...]]
     """Every more general tag of a key (parents, their parents, ...), without repeats."""
 
@@ -65,7 +63,7 @@ class Vocabulary:
                 if parent not in tags:
                     raise VocabularyError(f"tag {tag.key!r} has unknown parent {parent!r}")
         ancestors = {key: _ancestors(key, tags) for key in tags}
-        return cls(tags, tuple(indexed["imagenet"]), tuple(indexed["coco"]), ancestors)
+        return cls(tags, tuple(indexed["imagenet"]), ancestors)
 
 
 def _read(path: Path) -> list[dict[str, str]]:
