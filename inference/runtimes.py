@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from inference.files import file_sha256
+
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("torch", "onnx", "openvino")
@@ -101,16 +103,8 @@ def default_cache_dir() -> Path:
     return Path(base) / "imagetag" / "runtimes"
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _cache_key(source: Path, *recipe: str) -> str:
-    digest = hashlib.sha256(file_digest(source).encode())
+    digest = hashlib.sha256(file_sha256(source).encode())
     for part in recipe:
         digest.update(b"\0" + part.encode())
     return digest.hexdigest()[:16]

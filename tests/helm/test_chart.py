@@ -737,7 +737,7 @@ def test_ingress_publishes_the_api_over_tls_and_nothing_else(renderings, gateway
 # --- weights --------------------------------------------------------------------------------
 
 def manifest() -> dict[str, dict]:
-    return tomllib.loads((REPO / "weights" / "manifest.toml").read_text())
+    return tomllib.loads((REPO / "service" / "weights_manifest.toml").read_text())
 
 
 def test_weights_fetch_matches_the_manifest_and_the_cli(renderings, monkeypatch) -> None:
@@ -758,7 +758,7 @@ def test_weights_fetch_matches_the_manifest_and_the_cli(renderings, monkeypatch)
         args = _parser().parse_args(init["command"][1:])
         assert (args.name, str(args.dir)) == (rendering.values.get("weights", {}).get("detector", "yolo11n"), init["volumeMounts"][0]["mountPath"])
         assert init["volumeMounts"][0]["name"] == "weights"
-        # Not mounted over the image's /weights, where `weights fetch` reads manifest.toml.
+        # Not mounted over the image's /weights, which a baked image fills.
         assert init["volumeMounts"][0]["mountPath"] != "/weights"
         settings = settings_from(resolved_env(pod["containers"][0]), monkeypatch)
         assert settings.detector_weights == Path("/weights") / entries[args.name]["file"]
