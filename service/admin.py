@@ -67,7 +67,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _run(action: Action, args: argparse.Namespace, settings: Settings) -> int:
-    from service.assembly import build_backends
+    from service.backends import build_backends
 
     async def main() -> int:
         backends = build_backends(settings)

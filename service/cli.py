@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**overrides)
     except ValidationError as error:
         problems = "; ".join(
-            f"IMAGETAG_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in error.errors(include_url=False)
+            f"IMAGETAG_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" if e["loc"] else e["msg"].removeprefix("Value error, ")
+            for e in error.errors(include_url=False)
         )
         print(f"imagetag: invalid settings: {problems}", file=sys.stderr)
         return 2
@@ -98,9 +99,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    if not settings.redis_url:
+        print("imagetag: `imagetag worker` needs IMAGETAG_REDIS_URL", file=sys.stderr)
+        return 2
     from inference.detector import DetectorLoadError
     from inference.worker import run_until_signalled
-    from service.assembly import build_worker, redis_client
+    from service.assembly import build_worker
+    from service.backends import redis_client
     from service.worker_metrics import WorkerMetrics
 
     client = redis_client(settings)
@@ -145,7 +150,8 @@ async def _tag_files(files: list[Path], options: TaggingOptions, settings: Setti
     from tqdm import tqdm
 
     from inference.detector import DetectorLoadError
-    from service.assembly import build_inference, build_tagging, redis_client
+    from service.assembly import build_inference, build_tagging
+    from service.backends import redis_client
     from service.errors import DownloadFailed, ServiceError, error_body
 
     started = time.monotonic()

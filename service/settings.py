@@ -146,9 +146,11 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _tls_pair(self) -> Settings:
+    def _consistent(self) -> Settings:
         if bool(self.tls_certfile) != bool(self.tls_keyfile):
-            raise ValueError("HTTPS needs both a certificate (tls_certfile) and a key (tls_keyfile)")
+            raise ValueError("HTTPS needs both a certificate (IMAGETAG_TLS_CERTFILE) and a key (IMAGETAG_TLS_KEYFILE)")
+        if self.inference == "remote" and not self.redis_url:
+            raise ValueError("IMAGETAG_INFERENCE=remote needs IMAGETAG_REDIS_URL")
         return self
 
     def engine_config(self) -> EngineConfig:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -26,9 +27,16 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     their folder only, not the editable install's import hook, so `service` and `inference`
     come from the wheel alone."""
     root = tmp_path_factory.mktemp("wheel")
+    # Built from a copy of what the wheel is made of, so the checkout gets no build/ folder.
+    source = root / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for package in ("service", "inference"):
+        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-         "--wheel-dir", str(root / "dist"), str(REPO)],
+         "--wheel-dir", str(root / "dist"), str(source)],
         check=True, cwd=root, timeout=300,
     )
     (wheel,) = (root / "dist").glob("imagetag-*.whl")

@@ -818,7 +818,7 @@ def test_redis_probe_command_authenticates(renderings, chart_redis) -> None:
 
 
 def test_bootstrap_job_creates_the_first_identity_idempotently(renderings, chart_redis, tmp_path) -> None:
-    from service.assembly import build_backends
+    from service.backends import build_backends
 
     port, password = chart_redis
     job = renderings["default"].get("Job", "imagetag-bootstrap")
