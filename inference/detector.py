@@ -23,6 +23,14 @@ class Box:
     height: float
 
 
+def require_weights(weights: Path) -> None:
+    if not weights.exists():
+        raise DetectorLoadError(
+            f"detector weights {weights} not found: set IMAGETAG_DETECTOR_WEIGHTS, or run "
+            "`imagetag weights fetch yolo11n` on a machine with internet access"
+        )
+
+
 # Formats whose exported graph has a fixed batch size of one.
 _SINGLE_IMAGE_SUFFIXES = (".tflite",)
 
@@ -33,11 +41,7 @@ class Detector:
     def __init__(
         self, weights: Path, device: torch.device, image_size: int, min_confidence: float
     ) -> None:
-        if not weights.exists():
-            raise DetectorLoadError(
-                f"detector weights {weights} not found: set IMAGETAG_DETECTOR_WEIGHTS, or run "
-                "`imagetag weights fetch yolo11n` on a machine with internet access"
-            )
+        require_weights(weights)
         from inference.runtimes import keep_runtimes_offline
 
         keep_runtimes_offline()

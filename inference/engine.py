@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from inference.classifier import Classifier
-from inference.detector import Detector, DetectorLoadError
+from inference.detector import Detector, DetectorLoadError, require_weights
 from inference.fusion import Calibration, ScoredTag, fuse
 from inference.runtimes import (
     configure_openvino_detector,
@@ -69,6 +69,7 @@ class TaggingEngine:
 
     @classmethod
     def build(cls, config: EngineConfig) -> TaggingEngine:
+        require_weights(config.detector_weights)  # before minutes of classifier set-up, not after
         keep_runtimes_offline()
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)

@@ -8,6 +8,7 @@ only the models are replaced, so it starts in milliseconds.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -35,16 +36,18 @@ def cat() -> list[ScoredTag]:
 
 
 class FakeInference:
-    """Tags every image "cat" at 97%, at once; counts the images it saw."""
+    """Tags every image "cat" at 97%, after `delay_s`; counts the images it saw."""
 
-    def __init__(self, ready: bool = True) -> None:
+    def __init__(self, ready: bool = True, delay_s: float = 0.0) -> None:
         self.ready = ready
+        self.delay_s = delay_s
         self.images: list[Image.Image] = []
 
     async def start(self) -> None: ...
 
     async def tag(self, images: list[Image.Image], deadline: float | None = None) -> list[TagResult]:
         self.images += images
+        await asyncio.sleep(self.delay_s)
         return [cat() for _ in images]
 
     async def close(self) -> None: ...
