@@ -17,23 +17,13 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from inference.client import DeadlineExceeded, InferenceClosed, QueueFull, TagResult
+from inference.client import DeadlineExceeded, InferenceClosed, QueueFull, TagResult, admission_deadline
 from inference.engine import ModelError, TaggingEngine
 from inference.tasks import log_task_failure
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
-
-
-@dataclass(frozen=True)
-class BatchingConfig:
-    max_batch_size: int = 8
-    max_wait_s: float = 0.0
-    max_queue: int = 64
-    default_timeout_s: float = 30.0
-    replicas: int = 1
-    """Engines, each on a thread of its own, serving batches side by side."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +86,18 @@ async def collate(
     return batch
 
 
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 8
+    max_wait_s: float = 0.0
+    """How long the first image of a batch waits for company."""
+    max_queue: int = 64
+    """Images waiting beyond which `tag` raises `QueueFull` at once."""
+    default_timeout_s: float = 30.0
+    replicas: int = 1
+    """Engines, each on a thread of its own, serving batches side by side."""
+
+
 class BatchingInference:
     """An `InferenceClient` that batches concurrent requests for one engine."""
 
@@ -143,11 +145,7 @@ class BatchingInference:
             raise InferenceClosed("the inference client is closed")
         if not self._started:
             raise RuntimeError("models are not loaded yet")
-        now = time.monotonic()
-        if deadline is None:
-            deadline = now + self._config.default_timeout_s
-        if deadline <= now:
-            raise DeadlineExceeded("the deadline passed before the request was queued")
+        deadline = admission_deadline(deadline, self._config.default_timeout_s)
         # All of a request's images or none: a half-queued request would only waste model time.
         if self._queue.maxsize - self._queue.qsize() < len(images):
             raise QueueFull("the inference queue is full")
@@ -157,7 +155,7 @@ class BatchingInference:
             future: asyncio.Future[TagResult] = loop.create_future()
             self._pending.add(future)
             future.add_done_callback(self._pending.discard)
-            self._queue.put_nowait(Job(image, deadline, future, now))
+            self._queue.put_nowait(Job(image, deadline, future))
             futures.append(future)
         try:
             # asyncio.timeout runs on the loop's clock; re-base the monotonic deadline onto it.

@@ -16,6 +16,7 @@ image's `ModelError` result):
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 from PIL import Image
@@ -37,6 +38,16 @@ class DeadlineExceeded(InferenceUnavailable): ...
 
 
 class InferenceClosed(InferenceUnavailable): ...
+
+
+def admission_deadline(deadline: float | None, default_timeout_s: float) -> float:
+    """The caller's absolute deadline, or the default one from now; `DeadlineExceeded` when it
+    has passed already, so that nothing is queued for a caller who cannot wait."""
+    now = time.monotonic()
+    deadline = now + default_timeout_s if deadline is None else deadline
+    if deadline <= now:
+        raise DeadlineExceeded("the deadline passed before the request was queued")
+    return deadline
 
 
 class InferenceClient(Protocol):

@@ -33,7 +33,14 @@ from PIL import Image
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from inference.client import DeadlineExceeded, InferenceClosed, InferenceUnavailable, QueueFull, TagResult
+from inference.client import (
+    DeadlineExceeded,
+    InferenceClosed,
+    InferenceUnavailable,
+    QueueFull,
+    TagResult,
+    admission_deadline,
+)
 from inference.engine import ModelError
 from inference.fusion import Instance, ScoredTag
 from inference.tasks import as_text, log_task_failure
@@ -219,10 +226,7 @@ class RemoteInference:
             raise InferenceClosed("the inference client is closed")
         if not self._tasks:
             raise RuntimeError("start() the client first")
-        now = time.monotonic()
-        deadline = now + self._default_timeout_s if deadline is None else deadline
-        if deadline <= now:
-            raise DeadlineExceeded("the deadline passed before the request was queued")
+        deadline = admission_deadline(deadline, self._default_timeout_s)
         loop = asyncio.get_running_loop()
         jobs = {uuid.uuid4().hex: loop.create_future() for _ in images}
         # Registered before sending: the reply task may pop a result before XADD's answer arrives.

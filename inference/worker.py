@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
@@ -125,7 +125,7 @@ class Worker:
                 await asyncio.wait([beating], timeout=2.0)
                 await self._leave()
         finally:
-            self._notify("up", False)
+            self._notify(lambda observer: observer.up(False))
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _serve(self, engine: TaggingEngine) -> None:
@@ -147,13 +147,13 @@ class Worker:
                 if entries:
                     await self._handle(engine, entries)
                 failures = 0
-                self._notify("up", True)
+                self._notify(lambda observer: observer.up(True))
             except RedisError as error:
                 # Jobs in hand stay pending and are claimed again after the visibility timeout.
                 if isinstance(error, ResponseError) and "NOGROUP" in str(error):
                     self._group_ready = False  # Redis restarted empty, or the stream was deleted
                 failures += 1
-                self._notify("up", False)
+                self._notify(lambda observer: observer.up(False))
                 log.warning("Redis unavailable (%r); retrying", error)
                 await self._pause(min(0.1 * 2**failures, 2.0))
 
@@ -224,10 +224,11 @@ class Worker:
             replies += zip(live, results)
         queued = await self._answer(replies, [entry_id for entry_id, _ in entries])
         for outcome, count in _outcomes(replies, invalid).items():
-            self._notify("jobs", outcome, count)
+            self._notify(lambda observer: observer.jobs(outcome, count))
         if live:
             # Queue depth as the batch is answered, not as it was sent: that saves a round trip.
-            self._notify("batch", BatchStats(len(live), tuple(waits), model_s, queued))
+            stats = BatchStats(len(live), tuple(waits), model_s, queued)
+            self._notify(lambda observer: observer.batch(stats))
 
     async def _answer(self, replies: list[tuple[Job, TagResult | DeadlineExceeded]], entry_ids: list[bytes]) -> int:
         """Pushes the results, then acks and deletes the entries; gives the jobs still queued."""
@@ -276,11 +277,12 @@ class Worker:
         except TimeoutError:
             pass
 
-    def _notify(self, method: str, *args: Any) -> None:
+    def _notify(self, report: Callable[[WorkerObserver], None]) -> None:
+        """Calls the observer, if any; a failing metrics exporter must not stop the worker."""
         if self._observer is None:
             return
         try:
-            getattr(self._observer, method)(*args)
+            report(self._observer)
         except Exception:
             log.exception("the worker metrics hook failed")
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.networks import IPNetwork, parse_networks
 
 if TYPE_CHECKING:
     from inference.engine import EngineConfig
@@ -141,8 +142,7 @@ class Settings(BaseSettings):
     @field_validator("url_allowed_networks", "trusted_proxies")
     @classmethod
     def _valid_networks(cls, value: list[str]) -> list[str]:
-        for network in value:
-            ipaddress.ip_network(network, strict=False)
+        parse_networks(value)
         return value
 
     @model_validator(mode="after")
@@ -169,14 +169,7 @@ class Settings(BaseSettings):
         )
 
     def allowed_networks(self) -> tuple[IPNetwork, ...]:
-        return _networks(self.url_allowed_networks)
+        return parse_networks(self.url_allowed_networks)
 
     def proxy_networks(self) -> tuple[IPNetwork, ...]:
-        return _networks(self.trusted_proxies)
-
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def _networks(cidrs: list[str]) -> tuple[IPNetwork, ...]:
-    return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+        return parse_networks(self.trusted_proxies)

