@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from service.cli import main
-from service.weights import FetchError, WeightsEntry, fetch
 from tests.conftest import DETECTOR_WEIGHTS, PHOTOS
 from tests.service import corpus
 
@@ -106,26 +105,6 @@ def test_weights_fetch_offline_fails_with_a_clear_message(tmp_path):
 def test_weights_fetch_unknown_name():
     result = run("weights", "fetch", "yolo99")
     assert result.returncode == 2 and "yolo11n" in result.stderr
-
-
-def entry_for(url: str, data: bytes, **overrides) -> WeightsEntry:
-    values = dict(
-        name="test", kind="detector", file="test.pt", url=url, sha256=hashlib.sha256(data).hexdigest(),
-        size=len(data), license="test", classes="coco80", description="test",
-    )
-    return WeightsEntry(**{**values, **overrides})
-
-
-def test_fetch_verifies_the_checksum(tmp_path, files_server):
-    data = (PHOTOS / "cat_chelsea.jpg").read_bytes()
-    url = f"{files_server}/cat_chelsea.jpg"
-    with pytest.raises(FetchError, match="sha256"):
-        fetch(entry_for(url, data, sha256="0" * 64), tmp_path)
-    assert list(tmp_path.iterdir()) == []
-    with pytest.raises(FetchError, match="bytes"):
-        fetch(entry_for(url, data, size=len(data) + 1), tmp_path)
-    saved = fetch(entry_for(url, data), tmp_path)
-    assert saved.read_bytes() == data and saved.name == "test.pt"
 
 
 def test_weights_fetch_downloads_and_verifies_the_classifier(tmp_path):
