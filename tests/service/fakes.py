@@ -67,9 +67,13 @@ def gateway(data_dir: Path, inference: FakeInference | None = None, **settings: 
     """The app served on loopback, in a thread of this process; settings as keyword arguments."""
     inference = inference or FakeInference()
     defaults: dict[str, object] = {"auth_mode": "none", "data_dir": data_dir, "redis_url": None}
-    app = create_app(build_components(Settings(**(defaults | settings)), inference=inference))
+    built = Settings(**(defaults | settings))
+    app = create_app(build_components(built, inference=inference))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning",
+        ssl_certfile=built.tls_certfile, ssl_keyfile=built.tls_keyfile,
+    ))
     thread = threading.Thread(target=server.run, name=f"gateway-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -77,7 +81,8 @@ def gateway(data_dir: Path, inference: FakeInference | None = None, **settings: 
         assert thread.is_alive() and time.monotonic() < deadline, "the in-process gateway did not start"
         time.sleep(0.005)
     try:
-        yield InProcessServer(f"http://127.0.0.1:{port}", inference)
+        scheme = "https" if built.tls_certfile else "http"
+        yield InProcessServer(f"{scheme}://127.0.0.1:{port}", inference)
     finally:
         server.should_exit = True
         thread.join(10)
