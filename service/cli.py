@@ -25,10 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as error:
-        problems = "; ".join(
-            f"IMAGETAG_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" if e["loc"] else e["msg"].removeprefix("Value error, ")
-            for e in error.errors(include_url=False)
-        )
+        problems = "; ".join(_problem(e) for e in error.errors(include_url=False))
         print(f"imagetag: invalid settings: {problems}", file=sys.stderr)
         return 2
     logging.basicConfig(
@@ -42,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _SETTING_FLAGS = ("host", "port", "tls_certfile", "tls_keyfile")
+
+
+def _problem(error: dict) -> str:
+    """One setting's problem, named by its variable; a rule across settings names its own."""
+    message = error["msg"].removeprefix("Value error, ")
+    return f"IMAGETAG_{'_'.join(map(str, error['loc'])).upper()}: {message}" if error["loc"] else message
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -246,7 +246,8 @@ def test_revoked_token(deployment, how):
                                    headers={"X-Auth-Token": other_token, "X-Subject-Token": token}, timeout=10)
         assert response.status_code == 204, response.text
     else:
-        assert admin(deployment.env, "tokens", "revoke", token).strip() == "revoked"
+        # After "--": a token may start with "-", which would read as an option.
+        assert admin(deployment.env, "tokens", "revoke", "--", token).strip() == "revoked"
     for gateway in deployment.gateways:
         response = requests.post(gateway.base_url + tag_path(deployment), data=tagging_body(),
                                  headers={"X-Auth-Token": token}, timeout=30)
