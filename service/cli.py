@@ -158,6 +158,9 @@ async def _tag_files(files: list[Path], options: TaggingOptions, settings: Setti
     from service.errors import DownloadFailed, ServiceError, error_body
 
     started = time.monotonic()
+    # A second model replica pays only when there is a second batch to run beside the first.
+    replicas = min(settings.model_replicas, -(-len(files) // settings.batch_max_size))
+    settings = settings.model_copy(update={"model_replicas": replicas})
     redis = redis_client(settings) if settings.inference == "remote" else None
     inference = build_inference(settings, redis)
     try:

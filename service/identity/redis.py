@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 
 from inference.tasks import as_text
-from service.identity import crypto
+import service.identity.crypto as crypto
 from service.identity.models import AccessKey, Domain, Project, TokenRecord, User
 from service.identity.service import IdentityService
 from service.identity.store import IdentityConflict

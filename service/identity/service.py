@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timedelta
 
-from service.identity import crypto
+import service.identity.crypto as crypto
 from service.identity.models import AccessKey, Domain, Project, TokenRecord, User
 from service.identity.store import DEFAULT_TOKEN_TTL, IdentityNotFound, IdentityRecords
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from service.identity import crypto
+import service.identity.crypto as crypto
 from service.identity.models import AccessKey, Domain, Project, TokenRecord, User
 from service.identity.service import IdentityService
 from service.identity.store import IdentityConflict, IdentityNotFound
