@@ -15,10 +15,10 @@ from pathlib import Path
 
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-
 from inference.engine import TaggingEngine
 from service.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
 
 BATCH_SIZES = (1, 2, 4, 8, 16)
 

@@ -14,11 +14,10 @@ from pathlib import Path
 
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-
 from inference.engine import TaggingEngine
 from service.settings import Settings
 
+REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO / "tests" / "photos"
 TOP = 5
 
