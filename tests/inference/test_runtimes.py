@@ -304,7 +304,7 @@ def test_auto_falls_back_to_torch_when_exports_cannot_be_written(tmp_path, caplo
 def test_openvino_does_not_phone_home():
     """`import openvino` and `ov.convert_model` send usage telemetry unless stopped (see runtimes)."""
     check = (
-        "import os, sys, inference.engine, inference.runtimes\n"
+        "import os, sys, inference.detector, inference.runtimes\n"
         "assert 'openvino_telemetry' not in sys.modules and 'YOLO_OFFLINE' not in os.environ  # not at import\n"
         "inference.runtimes.keep_runtimes_offline()\n"
         "import openvino\n"
