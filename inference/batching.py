@@ -1,8 +1,8 @@
 """Dynamic micro-batching: concurrent `tag` calls share one model call.
 
 A caller enqueues one `Job` per image and awaits its future. One loop takes jobs off a bounded
-queue with `collate`, runs `engine.predict` on the single model thread, and hands each job its
-own result. While one batch runs, the next one collects. Jobs whose caller has gone, or whose
+queue with `collate`, hands each batch to an idle engine replica (each on a thread of its own)
+for `engine.predict`, and gives each job its own result. While batches run, the next collects. Jobs whose caller has gone, or whose
 deadline has passed, are dropped before they reach the models.
 """
 
@@ -17,22 +17,13 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from inference.client import DeadlineExceeded, InferenceClosed, QueueFull, TagResult
+from inference.client import DeadlineExceeded, InferenceClosed, QueueFull, TagResult, admission_deadline
 from inference.engine import ModelError, TaggingEngine
+from inference.tasks import log_task_failure
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
-
-
-@dataclass(frozen=True)
-class BatchingConfig:
-    max_batch_size: int = 8
-    max_wait_s: float = 0.0
-    max_queue: int = 64
-    default_timeout_s: float = 30.0
-    replicas: int = 1
-    """Engines, each on a thread of its own, serving batches side by side."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +86,18 @@ async def collate(
     return batch
 
 
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 8
+    max_wait_s: float = 0.0
+    """How long the first image of a batch waits for company."""
+    max_queue: int = 64
+    """Images waiting beyond which `tag` raises `QueueFull` at once."""
+    default_timeout_s: float = 30.0
+    replicas: int = 1
+    """Engines, each on a thread of its own, serving batches side by side."""
+
+
 class BatchingInference:
     """An `InferenceClient` that batches concurrent requests for one engine."""
 
@@ -108,7 +111,7 @@ class BatchingInference:
         self._build_engine = build_engine
         self._config = config
         self._on_batch = on_batch
-        self._engine: TaggingEngine | None = None
+        self._started = False
         # One thread per replica: an engine is not re-entrant. On a small CPU, two single-threaded
         # replicas keep the cores busier than one replica with two intra-op threads
         # (load-tests/benchmark.py).
@@ -124,7 +127,7 @@ class BatchingInference:
 
     @property
     def ready(self) -> bool:
-        return self._engine is not None and not self._closed
+        return self._started and not self._closed
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -133,20 +136,16 @@ class BatchingInference:
             if self._closed:
                 return
             self._idle.put_nowait((engine, executor))
-        self._engine = engine
+        self._started = True
         self._loop_task = asyncio.create_task(self._batch_loop(), name="inference-batcher")
-        self._loop_task.add_done_callback(_log_loop_failure)
+        self._loop_task.add_done_callback(log_task_failure("the batching loop"))
 
     async def tag(self, images: list[Image.Image], deadline: float | None = None) -> list[TagResult]:
         if self._closed:
             raise InferenceClosed("the inference client is closed")
-        if self._engine is None:
+        if not self._started:
             raise RuntimeError("models are not loaded yet")
-        now = time.monotonic()
-        if deadline is None:
-            deadline = now + self._config.default_timeout_s
-        if deadline <= now:
-            raise DeadlineExceeded("the deadline passed before the request was queued")
+        deadline = admission_deadline(deadline, self._config.default_timeout_s)
         # All of a request's images or none: a half-queued request would only waste model time.
         if self._queue.maxsize - self._queue.qsize() < len(images):
             raise QueueFull("the inference queue is full")
@@ -156,7 +155,7 @@ class BatchingInference:
             future: asyncio.Future[TagResult] = loop.create_future()
             self._pending.add(future)
             future.add_done_callback(self._pending.discard)
-            self._queue.put_nowait(Job(image, deadline, future, now))
+            self._queue.put_nowait(Job(image, deadline, future))
             futures.append(future)
         try:
             # asyncio.timeout runs on the loop's clock; re-base the monotonic deadline onto it.
@@ -210,8 +209,6 @@ class BatchingInference:
             try:
                 images = [job.image for job in batch]
                 results = await loop.run_in_executor(executor, engine.predict, images)
-                if len(results) != len(batch):
-                    raise RuntimeError(f"predict gave {len(results)} results for {len(batch)} images")
             except Exception:
                 # The engine already isolates a bad image; reaching here is a bug, so fail only
                 # this batch and keep serving.
@@ -233,9 +230,3 @@ class BatchingInference:
             self._on_batch(stats)
         except Exception:
             log.exception("the batch statistics hook failed")
-
-
-def _log_loop_failure(task: asyncio.Task[None]) -> None:
-    # Without the loop every caller would wait out its deadline: say so loudly.
-    if not task.cancelled() and task.exception() is not None:
-        log.critical("the batching loop stopped", exc_info=task.exception())

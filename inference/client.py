@@ -1,8 +1,9 @@
 """How the API reaches the models: one async interface, implementations chosen at start-up.
 
-`inference.batching.BatchingInference` runs the engine in this process on a dedicated thread, so
-the event loop never blocks on model work, and gathers concurrent requests into batches; a remote
-implementation reaches worker processes through Redis behind the same interface.
+`inference.batching.BatchingInference` runs engine replicas in this process, each on a thread of
+its own, so the event loop never blocks on model work, and gathers concurrent requests into
+batches; `inference.remote.RemoteInference` reaches worker processes through Redis behind the
+same interface. `service.assembly` picks one from the settings.
 
 Errors a caller may see from `tag` (a model failure on one image is not raised: it is that
 image's `ModelError` result):
@@ -15,6 +16,7 @@ image's `ModelError` result):
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 from PIL import Image
@@ -36,6 +38,16 @@ class DeadlineExceeded(InferenceUnavailable): ...
 
 
 class InferenceClosed(InferenceUnavailable): ...
+
+
+def admission_deadline(deadline: float | None, default_timeout_s: float) -> float:
+    """The caller's absolute deadline, or the default one from now; `DeadlineExceeded` when it
+    has passed already, so that nothing is queued for a caller who cannot wait."""
+    now = time.monotonic()
+    deadline = now + default_timeout_s if deadline is None else deadline
+    if deadline <= now:
+        raise DeadlineExceeded("the deadline passed before the request was queued")
+    return deadline
 
 
 class InferenceClient(Protocol):

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
-
-# Ultralytics otherwise tries to pip-install missing runtimes, phones home, and logs to stdout
-# (where `imagetag tag` writes its JSON lines). Set before ultralytics is first imported.
-os.environ.setdefault("YOLO_AUTOINSTALL", "false")
-os.environ.setdefault("YOLO_OFFLINE", "true")
-os.environ.setdefault("YOLO_VERBOSE", "false")
-
 
 class DetectorLoadError(RuntimeError):
     """The configured weights cannot be used; raised at start-up with a message for operators."""
@@ -29,6 +21,14 @@ class Box:
     y: float
     width: float
     height: float
+
+
+def require_weights(weights: Path) -> None:
+    if not weights.exists():
+        raise DetectorLoadError(
+            f"detector weights {weights} not found: set IMAGETAG_DETECTOR_WEIGHTS, or run "
+            "`imagetag weights fetch yolo11n` on a machine with internet access"
+        )
 
 
 # Ultralytics' own letterbox colour, so padding looks like the padding the network was trained on.
@@ -49,11 +49,10 @@ class Detector:
         min_confidence: float,
         upscale_small: bool = False,
     ) -> None:
-        if not weights.exists():
-            raise DetectorLoadError(
-                f"detector weights {weights} not found: set IMAGETAG_DETECTOR_WEIGHTS, or run "
-                "`imagetag weights fetch yolo11n` on a machine with internet access"
-            )
+        require_weights(weights)
+        from inference.runtimes import keep_runtimes_offline
+
+        keep_runtimes_offline()
         from ultralytics import YOLO
 
         try:

@@ -10,12 +10,13 @@ import torch
 from PIL import Image
 
 from inference.classifier import Classifier
-from inference.detector import Box, Detector, DetectorLoadError
+from inference.detector import Box, Detector, DetectorLoadError, require_weights
 from inference.fusion import Calibration, ScoredTag, fuse
 from inference.runtimes import (
     configure_openvino_detector,
     default_cache_dir,
     detector_weights_for,
+    keep_runtimes_offline,
     resolve_runtime,
 )
 from inference.vocabulary import Vocabulary
@@ -71,6 +72,9 @@ class TaggingEngine:
 
     @classmethod
     def build(cls, config: EngineConfig) -> TaggingEngine:
+        for weights in config.detector_weights:  # before minutes of classifier set-up, not after
+            require_weights(weights)
+        keep_runtimes_offline()
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         device = resolve_device(config.device)
@@ -121,7 +125,10 @@ class TaggingEngine:
 
     def predict(self, images: list[Image.Image]) -> list[list[ScoredTag] | ModelError]:
         try:
-            return self._predict_batch(images)
+            results = self._predict_batch(images)
+            if len(results) != len(images):
+                raise RuntimeError(f"the models gave {len(results)} results for {len(images)} images")
+            return results
         except Exception:
             if len(images) == 1:
                 log.exception("model failure on a single image")

@@ -33,9 +33,17 @@ from PIL import Image
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from inference.client import DeadlineExceeded, InferenceClosed, InferenceUnavailable, QueueFull, TagResult
+from inference.client import (
+    DeadlineExceeded,
+    InferenceClosed,
+    InferenceUnavailable,
+    QueueFull,
+    TagResult,
+    admission_deadline,
+)
 from inference.engine import ModelError
 from inference.fusion import Instance, ScoredTag
+from inference.tasks import as_text, log_task_failure
 from inference.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -108,9 +116,9 @@ def decode_image(data: bytes) -> Image.Image:
 
 def parse_job(fields: Mapping[bytes | str, bytes | str]) -> Job:
     """A stream entry's fields as a `Job`; ValueError when they are not one."""
-    values = {_text(k): v for k, v in fields.items()}
+    values = {as_text(k): v for k, v in fields.items()}
     try:
-        job = Job(_text(values["job"]), _text(values["reply"]), float(values["deadline"]), values["image"])
+        job = Job(as_text(values["job"]), as_text(values["reply"]), float(values["deadline"]), values["image"])
     except (KeyError, UnicodeDecodeError) as error:
         raise ValueError(f"not a job: {error!r}") from None
     if not isinstance(job.image, bytes):
@@ -210,7 +218,7 @@ class RemoteInference:
             return
         for job, name in ((self._read_replies, "replies"), (self._watch_workers, "liveness")):
             task = asyncio.create_task(job(), name=f"remote-inference-{name}")
-            task.add_done_callback(_log_task_failure)
+            task.add_done_callback(log_task_failure(f"the remote inference task {name!r}"))
             self._tasks.add(task)
 
     async def tag(self, images: list[Image.Image], deadline: float | None = None) -> list[TagResult]:
@@ -218,10 +226,7 @@ class RemoteInference:
             raise InferenceClosed("the inference client is closed")
         if not self._tasks:
             raise RuntimeError("start() the client first")
-        now = time.monotonic()
-        deadline = now + self._default_timeout_s if deadline is None else deadline
-        if deadline <= now:
-            raise DeadlineExceeded("the deadline passed before the request was queued")
+        deadline = admission_deadline(deadline, self._default_timeout_s)
         loop = asyncio.get_running_loop()
         jobs = {uuid.uuid4().hex: loop.create_future() for _ in images}
         # Registered before sending: the reply task may pop a result before XADD's answer arrives.
@@ -332,13 +337,3 @@ class RemoteInference:
             future = self._waiting.pop(job_id)
             if not future.done():
                 future.set_exception(error(message))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _log_task_failure(task: asyncio.Task[None]) -> None:
-    # Without these tasks every caller would wait out its deadline: say so loudly.
-    if not task.cancelled() and task.exception() is not None:
-        log.critical("a remote inference task stopped", exc_info=task.exception())

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from inference.files import file_sha256
+
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("torch", "onnx", "openvino")
@@ -101,16 +103,8 @@ def default_cache_dir() -> Path:
     return Path(base) / "imagetag" / "runtimes"
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _cache_key(source: Path, *recipe: str) -> str:
-    digest = hashlib.sha256(file_digest(source).encode())
+    digest = hashlib.sha256(file_sha256(source).encode())
     for part in recipe:
         digest.update(b"\0" + part.encode())
     return digest.hexdigest()[:16]
@@ -124,16 +118,23 @@ _OPENVINO_TELEMETRY_MODULES = (
 )
 
 
-def no_openvino_telemetry() -> None:
-    """Stops OpenVINO from phoning home, as `YOLO_OFFLINE` does for ultralytics.
+def keep_runtimes_offline() -> None:
+    """Keeps ultralytics and OpenVINO offline, quiet and from installing anything.
 
+    Ultralytics otherwise tries to pip-install missing runtimes, phones home and logs to stdout
+    (where `imagetag tag` writes its JSON lines); it reads these variables when first imported.
     Unless the user has opted out with a consent file under ~/intel, `import openvino` and every
     `ov.convert_model` (ours, and ultralytics' OpenVINO export) send usage events to Google
-    Analytics. A self-hosted service must not: OpenVINO uses a no-op stub when the
+    Analytics; a self-hosted service must not. OpenVINO uses a no-op stub when the
     `openvino-telemetry` package cannot be imported, so make it unimportable before OpenVINO
-    is first imported (this module does so when imported), or, if it was already imported,
-    point the converter's modules at the stub. Idempotent.
+    is first imported, or, if it was already imported, point the converter's modules at the stub.
+
+    Called where the models are built (`TaggingEngine.build`, the exporters), never at import:
+    importing this package changes nothing in the process. Idempotent.
     """
+    os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+    os.environ.setdefault("YOLO_OFFLINE", "true")
+    os.environ.setdefault("YOLO_VERBOSE", "false")
     if "openvino_telemetry" not in sys.modules:
         sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # import fails: stub
         return
@@ -145,9 +146,6 @@ def no_openvino_telemetry() -> None:
         module = sys.modules.get(name)
         if module is not None and hasattr(module, "tm"):
             module.tm = telemetry_stub
-
-
-no_openvino_telemetry()
 
 
 @contextlib.contextmanager
@@ -233,7 +231,7 @@ def classifier_export(
         raise ValueError(f"no export for runtime {runtime!r}")
     import openvino as ov
 
-    no_openvino_telemetry()
+    keep_runtimes_offline()
     ir_dir = cache_dir / f"{CLASSIFIER_STEM}-{key}-ov{ov.__version__.split('-')[0]}_openvino_model"
     if not (ir_dir / "model.xml").exists():
         log.info("converting the classifier to OpenVINO IR in %s (once)", ir_dir)
@@ -265,9 +263,7 @@ def export_detector(pt_path: Path, runtime: str, out_dir: Path, image_size: int 
     """
     if runtime not in ("onnx", "openvino"):
         raise ValueError(f"cannot export the detector for runtime {runtime!r}")
-    os.environ.setdefault("YOLO_AUTOINSTALL", "false")
-    os.environ.setdefault("YOLO_OFFLINE", "true")
-    os.environ.setdefault("YOLO_VERBOSE", "false")
+    keep_runtimes_offline()
     import ultralytics
     from ultralytics import YOLO
 
@@ -276,7 +272,7 @@ def export_detector(pt_path: Path, runtime: str, out_dir: Path, image_size: int 
     if runtime == "openvino":
         import openvino as ov
 
-        no_openvino_telemetry()
+        keep_runtimes_offline()
         recipe.append(ov.__version__)
     key = _cache_key(pt_path, *recipe)
     stem = pt_path.stem

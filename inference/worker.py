@@ -2,9 +2,9 @@
 
 Each round takes up to `max_batch_size` jobs with XREADGROUP (now and then XAUTOCLAIM's jobs of a
 worker that stopped answering instead), answers expired ones without the models, runs the rest
-through `engine.predict` on the single model thread, pushes each job's own result to its reply
-list, then acks and deletes the entries. A worker reads only while its model thread is free, so
-waiting jobs go to whichever worker is idle rather than queue behind a busy one.
+through `engine.predict` on the worker's model thread, adds each job's own result to its
+gateway's reply stream, then acks and deletes the entries. A worker reads only while its model
+thread is free, so waiting jobs go to whichever worker is idle rather than queue behind a busy one.
 
 Delivery is at least once: a worker killed mid-batch leaves its jobs pending, and once they have
 been idle for the visibility timeout another worker claims and serves them. The gateway drops
@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
@@ -33,6 +33,7 @@ from inference.batching import BatchStats
 from inference.client import DeadlineExceeded, TagResult
 from inference.engine import ModelError, TaggingEngine
 from inference.remote import Channels, Job, blocking_budget, decode_image, encode_result, parse_job
+from inference.tasks import as_text
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class WorkerConfig:
     max_wait_s: float = 0.0
     heartbeat_s: float = 2.0
     visibility_timeout_s: float = 15.0
-    reply_ttl_s: float = 60.0  # beyond the job's deadline; a dead gateway's reply list then expires
+    reply_ttl_s: float = 60.0  # beyond the job's deadline; a dead gateway's reply stream then expires
 
 
 def consumer_name() -> str:
@@ -124,7 +125,7 @@ class Worker:
                 await asyncio.wait([beating], timeout=2.0)
                 await self._leave()
         finally:
-            self._notify("up", False)
+            self._notify(lambda observer: observer.up(False))
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _serve(self, engine: TaggingEngine) -> None:
@@ -146,13 +147,13 @@ class Worker:
                 if entries:
                     await self._handle(engine, entries)
                 failures = 0
-                self._notify("up", True)
+                self._notify(lambda observer: observer.up(True))
             except RedisError as error:
                 # Jobs in hand stay pending and are claimed again after the visibility timeout.
                 if isinstance(error, ResponseError) and "NOGROUP" in str(error):
                     self._group_ready = False  # Redis restarted empty, or the stream was deleted
                 failures += 1
-                self._notify("up", False)
+                self._notify(lambda observer: observer.up(False))
                 log.warning("Redis unavailable (%r); retrying", error)
                 await self._pause(min(0.1 * 2**failures, 2.0))
 
@@ -223,10 +224,11 @@ class Worker:
             replies += zip(live, results)
         queued = await self._answer(replies, [entry_id for entry_id, _ in entries])
         for outcome, count in _outcomes(replies, invalid).items():
-            self._notify("jobs", outcome, count)
+            self._notify(lambda observer: observer.jobs(outcome, count))
         if live:
             # Queue depth as the batch is answered, not as it was sent: that saves a round trip.
-            self._notify("batch", BatchStats(len(live), tuple(waits), model_s, queued))
+            stats = BatchStats(len(live), tuple(waits), model_s, queued)
+            self._notify(lambda observer: observer.batch(stats))
 
     async def _answer(self, replies: list[tuple[Job, TagResult | DeadlineExceeded]], entry_ids: list[bytes]) -> int:
         """Pushes the results, then acks and deletes the entries; gives the jobs still queued."""
@@ -247,9 +249,9 @@ class Worker:
         # Every restart adds a consumer to the group; drop those with no heartbeat and nothing
         # pending (deleting one with pending jobs would lose them).
         channels = self._config.channels
-        live = {_text(m) for m in await self._live_members(keys=[channels.workers])}
+        live = {as_text(m) for m in await self._live_members(keys=[channels.workers])}
         for consumer in await self._client.xinfo_consumers(channels.stream, channels.group):
-            name = _text(consumer["name"])
+            name = as_text(consumer["name"])
             idle_s = consumer["idle"] / 1000
             if name != self.name and name not in live and consumer["pending"] == 0 and idle_s > _SWEEP_EVERY_S:
                 await self._client.xgroup_delconsumer(channels.stream, channels.group, name)
@@ -275,11 +277,12 @@ class Worker:
         except TimeoutError:
             pass
 
-    def _notify(self, method: str, *args: Any) -> None:
+    def _notify(self, report: Callable[[WorkerObserver], None]) -> None:
+        """Calls the observer, if any; a failing metrics exporter must not stop the worker."""
         if self._observer is None:
             return
         try:
-            getattr(self._observer, method)(*args)
+            report(self._observer)
         except Exception:
             log.exception("the worker metrics hook failed")
 
@@ -296,8 +299,6 @@ def _predict(engine: TaggingEngine, payloads: list[bytes]) -> list[TagResult]:
             results[slot] = ModelError("the worker could not decode this image")
     try:
         predicted = engine.predict(images) if images else []
-        if len(predicted) != len(images):
-            raise RuntimeError(f"predict gave {len(predicted)} results for {len(images)} images")
     except Exception:
         # The engine already isolates a bad image; reaching here is a bug, so fail only this batch.
         log.exception("a batch of %d images failed", len(images))
@@ -327,10 +328,6 @@ def _entries(response: list | None) -> list[Entry]:
 def _enqueued_at(entry_id: bytes) -> float:
     # A stream id starts with the Redis server's milliseconds when the job was added.
     return int(entry_id.split(b"-")[0]) / 1000
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 async def run_until_signalled(worker: Worker) -> None:

@@ -15,11 +15,10 @@ from pathlib import Path
 
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from inference.engine import TaggingEngine
+from service.settings import Settings
 
-from inference.engine import TaggingEngine  # noqa: E402
-from service.settings import Settings  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 BATCH_SIZES = (1, 2, 4, 8, 16)
 

@@ -29,27 +29,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-os.environ.setdefault("YOLO_AUTOINSTALL", "false")
-os.environ.setdefault("YOLO_OFFLINE", "true")
-os.environ.setdefault("YOLO_VERBOSE", "false")
+import torch
+from PIL import Image
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from inference.classifier import Classifier, load_model, preprocess  # noqa: E402
-from inference.detector import Detector  # noqa: E402
-from inference.engine import EngineConfig, TaggingEngine  # noqa: E402
-from inference.runtimes import (  # noqa: E402
+from inference.classifier import Classifier, load_model, preprocess
+from inference.detector import Detector
+from inference.engine import EngineConfig, TaggingEngine
+from inference.runtimes import (
+    configure_openvino_detector,
     export_detector,
     installed,
-    configure_openvino_detector,
+    keep_runtimes_offline,
     resolve_runtime,
     runtime_installed,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO / "tests" / "photos"
 # Eight real photos of different sizes and aspect ratios.
 BENCH_PHOTOS = [
@@ -198,6 +193,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache-dir", type=Path, default=None)
+    keep_runtimes_offline()
     parser.add_argument("--only", choices=("classifier", "detector", "engine"), action="append")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -12,9 +12,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from service.assembly import ConfigurationError, build_backends
 from service.identity import IdentityError, IdentityStore
-from service.settings import Settings
+from service.settings import ConfigurationError, Settings
 
 DEV_DOMAIN, DEV_USER, DEV_PROJECT = "dev", "dev", "cn-north-4"
 
@@ -68,6 +67,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _run(action: Action, args: argparse.Namespace, settings: Settings) -> int:
+    from service.backends import build_backends
+
     async def main() -> int:
         backends = build_backends(settings)
         try:

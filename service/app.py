@@ -1,4 +1,4 @@
-"""Builds the FastAPI application and its state, once, from Settings and an inference client."""
+"""The FastAPI application: routes, error handlers and middleware around built components."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,44 +15,33 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from inference.client import InferenceClient
-from service.assembly import Backends
-from service.auth.authenticator import Authenticator
-from service.errors import (
-    InternalError,
-    InvalidParameter,
-    Overloaded,
-    RouteNotFound,
-    ServiceError,
-    status_and_code,
-)
-from service.gate import Gate, Limits
-from service.iam import IamService
-from service.metrics import ERROR_CODE_STATE, Metrics, RequestMetricsMiddleware
+from inference.tasks import log_task_failure
+from service.assembly import Components
+from service.errors import InternalError, Overloaded, RouteNotFound, ServiceError, error_body, status_and_code
+from service.metrics import ERROR_CODE_STATE, RequestMetricsMiddleware
 from service.metrics import router as metrics_router
+from service.protocol.common import invalid_parameter
 from service.routes import health, iam, tagging
-from service.settings import Settings
-from service.tagging import TaggingLimits, TaggingService
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-Id"
 
 
-def create_app(
-    settings: Settings, inference: InferenceClient, backends: Backends, metrics: Metrics | None = None
-) -> FastAPI:
+def create_app(components: Components) -> FastAPI:
+    """The HTTP face of `components` (built by `service.assembly.build_components`)."""
+    inference = components.inference
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Load in the background so /healthz answers at once and /readyz says when we are ready.
         loading = asyncio.create_task(inference.start())
-        loading.add_done_callback(_log_load_failure)
+        loading.add_done_callback(log_task_failure("loading the models"))
         try:
             yield
         finally:
             loading.cancel()
-            await inference.close()
-            await backends.close()
+            await components.close()
 
     app = FastAPI(
         title="imagetag",
@@ -61,35 +49,13 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
     )
-    gate = Gate(
-        backends.limiter,
-        Limits(
-            rate_per_s=settings.rate_limit_per_s,
-            burst=settings.rate_limit_burst,
-            max_concurrent_per_project=settings.max_concurrent_per_project,
-            login_per_minute=settings.login_attempts_per_minute,
-        ),
-    )
-    iam_enabled = settings.auth_mode == "iam"
-    metrics = metrics if metrics is not None else Metrics.from_settings(settings)
-    metrics.watch(inference)
-    app.state.settings = settings
+    app.state.settings = components.settings
     app.state.inference = inference
-    app.state.metrics = metrics
-    app.state.gate = gate
-    app.state.tagging = TaggingService(
-        inference, TaggingLimits.from_settings(settings), observe_decode=metrics.observe_decode
-    )
-    app.state.authenticator = (
-        Authenticator(
-            backends.store,
-            clock_skew=timedelta(seconds=settings.clock_skew_s),
-            trusted_proxies=settings.proxy_networks(),
-        )
-        if iam_enabled
-        else None
-    )
-    app.state.iam = IamService(backends.store, gate, timedelta(seconds=settings.token_ttl_s)) if iam_enabled else None
+    app.state.metrics = components.metrics
+    app.state.gate = components.gate
+    app.state.tagging = components.tagging
+    app.state.authenticator = components.authenticator
+    app.state.iam = components.iam
     app.include_router(tagging.router)
     app.include_router(iam.router)
     app.include_router(health.router)
@@ -99,13 +65,8 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(RedisError, _redis_error)
     app.add_middleware(RequestIdMiddleware)
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # outermost: sees RequestId's 500s
+    app.add_middleware(RequestMetricsMiddleware, metrics=components.metrics)  # outermost: sees RequestId's 500s
     return app
-
-
-def _log_load_failure(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.critical("loading the models failed: %s", task.exception())
 
 
 def error_response(error: ServiceError, scope: Scope | None = None) -> JSONResponse:
@@ -113,9 +74,7 @@ def error_response(error: ServiceError, scope: Scope | None = None) -> JSONRespo
     status, code = status_and_code(error)
     if scope is not None:
         scope.setdefault("state", {})[ERROR_CODE_STATE] = code
-    return JSONResponse(
-        {"error_code": code, "error_msg": error.message}, status_code=status, headers=error.headers
-    )
+    return JSONResponse(error_body(error), status_code=status, headers=error.headers)
 
 
 async def _service_error(request: Request, error: ServiceError) -> JSONResponse:
@@ -138,7 +97,7 @@ async def _redis_error(request: Request, error: RedisError) -> JSONResponse:
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    return error_response(InvalidParameter(f"invalid request: {error.errors()[0]['msg']}"), request.scope)
+    return error_response(invalid_parameter(error.errors()), request.scope)
 
 
 class RequestIdMiddleware:

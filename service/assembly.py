@@ -1,86 +1,162 @@
-"""Builds the process's long-lived parts from Settings, once: the embedded default (SQLite and
-in-process limits) or the shared one (Redis), chosen by `IMAGETAG_REDIS_URL`."""
+"""Builds the process's long-lived parts from Settings, once, in one place.
+
+`build_components` gives everything a gateway runs on: the identity store and rate limiter
+(embedded SQLite and in-process buckets, or Redis when `IMAGETAG_REDIS_URL` is set), the
+inference client (models in this process, or `imagetag worker`s through Redis when
+`IMAGETAG_INFERENCE=remote`), the metrics and the services the routes call. `create_app` only
+wires them into FastAPI; the CLI only parses arguments into Settings.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
-import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
-from service.identity import IdentityStore, RedisIdentityStore, SqliteIdentityStore
-from service.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
-from service.settings import Settings
+from inference.client import InferenceClient
+from service.auth.authenticator import Authenticator
+from service.backends import Backends, build_backends
+from service.gate import Gate, Limits
+from service.iam import IamService
+from service.metrics import Metrics
+from service.settings import ConfigurationError, Settings
+from service.tagging import TaggingLimits, TaggingService
+
+if TYPE_CHECKING:
+    from inference.engine import TaggingEngine
+    from inference.worker import Worker, WorkerObserver
 
 log = logging.getLogger(__name__)
 
-
-class ConfigurationError(RuntimeError):
-    """Settings that cannot work together; reported at start-up, before serving."""
+EngineFactory = Callable[[], "TaggingEngine"]
 
 
 @dataclass
-class Backends:
-    store: IdentityStore
-    limiter: RateLimiter
-    redis: Redis | None
+class Components:
+    """Everything one gateway process runs on; `create_app` takes it as it is."""
+
+    settings: Settings
+    backends: Backends
+    inference: InferenceClient
+    metrics: Metrics
+    gate: Gate
+    tagging: TaggingService
+    authenticator: Authenticator | None  # None with IMAGETAG_AUTH_MODE=none
+    iam: IamService | None
 
     async def close(self) -> None:
-        await self.store.close()
-        if self.redis is not None:
-            await self.redis.aclose()
+        await self.inference.close()
+        await self.backends.close()
 
 
-def redis_client(settings: Settings) -> Redis:
-    # One quick retry, then give up: during an outage each request must fail within about two
-    # timeouts rather than after redis-py's default round of backed-off retries.
-    return Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-        retry=Retry(NoBackoff(), 1),
-        health_check_interval=10,
+def build_components(
+    settings: Settings,
+    *,
+    inference: InferenceClient | None = None,
+    build_engine: EngineFactory | None = None,
+) -> Components:
+    """The gateway's parts. `inference` replaces the configured client (tests, benchmarks);
+    `build_engine` replaces the models behind the in-process batcher."""
+    if settings.auth_mode == "none":
+        log.warning(
+            "IMAGETAG_AUTH_MODE=none: every request is accepted without credentials; "
+            "use this only on a trusted network"
+        )
+    backends = build_backends(settings)
+    metrics = Metrics(settings.latency_buckets_s)
+    if inference is None:
+        inference = build_inference(settings, backends.redis, metrics, build_engine)
+    metrics.watch(inference)
+    gate = Gate(
+        backends.limiter,
+        Limits(
+            rate_per_s=settings.rate_limit_per_s,
+            burst=settings.rate_limit_burst,
+            max_concurrent_per_project=settings.max_concurrent_per_project,
+            login_per_minute=settings.login_attempts_per_minute,
+        ),
+    )
+    iam_enabled = settings.auth_mode == "iam"
+    return Components(
+        settings=settings,
+        backends=backends,
+        inference=inference,
+        metrics=metrics,
+        gate=gate,
+        tagging=build_tagging(settings, inference, metrics),
+        authenticator=Authenticator(
+            backends.store,
+            clock_skew=timedelta(seconds=settings.clock_skew_s),
+            trusted_proxies=settings.proxy_networks(),
+        )
+        if iam_enabled
+        else None,
+        iam=IamService(backends.store, gate, timedelta(seconds=settings.token_ttl_s)) if iam_enabled else None,
     )
 
 
-def build_backends(settings: Settings) -> Backends:
-    master_key = master_key_for(settings)
-    if settings.redis_url:
-        client = redis_client(settings)
-        limiter = RedisRateLimiter(
-            client, fail_open=settings.rate_limit_fail_open, timeout_s=settings.redis_timeout_s
-        )
-        return Backends(RedisIdentityStore(client, master_key), limiter, client)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = SqliteIdentityStore(settings.data_dir / "identity.sqlite3", master_key)
-    return Backends(store, LocalRateLimiter(), None)
+def build_tagging(settings: Settings, inference: InferenceClient, metrics: Metrics | None = None) -> TaggingService:
+    return TaggingService(
+        inference,
+        TaggingLimits.from_settings(settings),
+        observe_decode=metrics.observe_decode if metrics is not None else None,
+    )
 
 
-def master_key_for(settings: Settings) -> str:
-    if settings.master_key is not None:
-        return settings.master_key.get_secret_value()
-    if settings.redis_url:
-        # Replicas must share one key, and a key made up here would be this process's alone.
-        raise ConfigurationError("IMAGETAG_MASTER_KEY must be set when IMAGETAG_REDIS_URL is")
-    return _embedded_master_key(settings.data_dir / "master.key")
+def build_inference(
+    settings: Settings,
+    redis: Redis | None,
+    metrics: Metrics | None = None,
+    build_engine: EngineFactory | None = None,
+) -> InferenceClient:
+    """The configured inference client: models in this process, or workers through Redis."""
+    if settings.inference == "remote":
+        if redis is None:
+            raise ConfigurationError("IMAGETAG_INFERENCE=remote needs IMAGETAG_REDIS_URL")
+        from inference.remote import RemoteInference
+
+        remote = RemoteInference(redis, queue_max=settings.queue_max, default_timeout_s=settings.request_timeout_s)
+        if metrics is not None:
+            metrics.count_workers(lambda: remote.workers_alive)
+        return remote
+    from inference.batching import BatchingConfig, BatchingInference
+
+    config = BatchingConfig(
+        max_batch_size=settings.batch_max_size,
+        max_wait_s=settings.batch_max_wait_s,
+        max_queue=settings.queue_max,
+        default_timeout_s=settings.request_timeout_s,
+        replicas=settings.model_replicas,
+    )
+    return BatchingInference(
+        build_engine or engine_factory(settings),
+        config,
+        on_batch=metrics.observe_batch if metrics is not None else None,
+    )
 
 
-def _embedded_master_key(path: Path) -> str:
-    """The single-process default keeps its key beside its database, readable by its owner only."""
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_urlsafe(32)
-    try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process got there first: use its key
-        return path.read_text().strip()
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(key + "\n")
-    log.warning("generated a master key at %s; set IMAGETAG_MASTER_KEY to manage it yourself", path)
-    return key
+def engine_factory(settings: Settings) -> EngineFactory:
+    """Builds the models when called: on an inference thread, never at import or on the event loop."""
+
+    def build() -> TaggingEngine:
+        from inference.engine import TaggingEngine
+
+        return TaggingEngine.build(settings.engine_config())
+
+    return build
+
+
+def build_worker(settings: Settings, redis: Redis, observer: WorkerObserver | None = None) -> Worker:
+    from inference.worker import Worker, WorkerConfig
+
+    config = WorkerConfig(
+        max_batch_size=settings.batch_max_size,
+        max_wait_s=settings.batch_max_wait_s,
+        heartbeat_s=settings.worker_heartbeat_s,
+        visibility_timeout_s=settings.job_visibility_timeout_s,
+    )
+    return Worker(redis, engine_factory(settings), config, observer)

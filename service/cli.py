@@ -3,35 +3,48 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import sys
-from collections.abc import Iterator
+import time
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.settings import Settings
+from service.protocol.tagging import TaggingOptions
+from service.settings import ConfigurationError, Settings
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-_TAG_BATCH = 8
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
+    # Flags that name a setting override its IMAGETAG_* variable, and are checked with it.
+    overrides = {name: getattr(args, name) for name in _SETTING_FLAGS if getattr(args, name, None) is not None}
     try:
-        settings = Settings()
+        settings = Settings(**overrides)
     except ValidationError as error:
-        problems = "; ".join(
-            f"IMAGETAG_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in error.errors(include_url=False)
-        )
+        problems = "; ".join(_problem(e) for e in error.errors(include_url=False))
         print(f"imagetag: invalid settings: {problems}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return args.run(args, settings)
+    try:
+        return args.run(args, settings)
+    except ConfigurationError as error:
+        print(f"imagetag: {error}", file=sys.stderr)
+        return 2
+
+
+_SETTING_FLAGS = ("host", "port", "tls_certfile", "tls_keyfile")
+
+
+def _problem(error: dict) -> str:
+    """One setting's problem, named by its variable; a rule across settings names its own."""
+    message = error["msg"].removeprefix("Value error, ")
+    return f"IMAGETAG_{'_'.join(map(str, error['loc'])).upper()}: {message}" if error["loc"] else message
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,8 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the HTTP API (settings from IMAGETAG_* variables)")
     serve.add_argument("--host", help="address to listen on (IMAGETAG_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (IMAGETAG_PORT)")
-    serve.add_argument("--certfile", type=Path, help="TLS certificate (PEM): serve HTTPS")
-    serve.add_argument("--keyfile", type=Path, help="TLS private key (PEM)")
+    serve.add_argument("--certfile", dest="tls_certfile", type=Path, help="TLS certificate (PEM): serve HTTPS")
+    serve.add_argument("--keyfile", dest="tls_keyfile", type=Path, help="TLS private key (PEM)")
     serve.set_defaults(run=_serve)
 
     worker = commands.add_parser(
@@ -74,55 +87,11 @@ def _parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from inference.batching import BatchingConfig, BatchingInference
     from service.app import create_app
-    from service.assembly import ConfigurationError, build_backends
-    from service.metrics import Metrics
+    from service.assembly import build_components
 
-    overrides = {
-        "host": args.host,
-        "port": args.port,
-        "tls_certfile": args.certfile,
-        "tls_keyfile": args.keyfile,
-    }
-    settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-    if bool(settings.tls_certfile) != bool(settings.tls_keyfile):
-        print("imagetag: HTTPS needs both a certificate and a key", file=sys.stderr)
-        return 2
-    if settings.inference == "remote" and not settings.redis_url:
-        print("imagetag: IMAGETAG_INFERENCE=remote needs IMAGETAG_REDIS_URL", file=sys.stderr)
-        return 2
-    try:
-        backends = build_backends(settings)
-    except ConfigurationError as error:
-        print(f"imagetag: {error}", file=sys.stderr)
-        return 2
-    if settings.auth_mode == "none":
-        logging.getLogger("imagetag").warning(
-            "IMAGETAG_AUTH_MODE=none: every request is accepted without credentials; "
-            "use this only on a trusted network"
-        )
-    batching = BatchingConfig(
-        max_batch_size=settings.batch_max_size,
-        max_wait_s=settings.batch_max_wait_s,
-        max_queue=settings.queue_max,
-        default_timeout_s=settings.request_timeout_s,
-        replicas=settings.model_replicas,
-    )
-    if settings.inference == "remote":
-        from inference.remote import RemoteInference
-
-        assert backends.redis is not None  # built from IMAGETAG_REDIS_URL, checked above
-        remote = RemoteInference(
-            backends.redis, queue_max=settings.queue_max, default_timeout_s=settings.request_timeout_s
-        )
-        inference, metrics = remote, Metrics.from_settings(settings, workers_alive=lambda: remote.workers_alive)
-    else:
-        metrics = Metrics.from_settings(settings)
-        inference = BatchingInference(lambda: _build_engine(settings), batching, on_batch=metrics.observe_batch)
-    app = create_app(settings, inference, backends, metrics)
     uvicorn.run(
-        app,
+        create_app(build_components(settings)),
         host=settings.host,
         port=settings.port,
         ssl_certfile=settings.tls_certfile,
@@ -136,26 +105,19 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.redis_url:
         print("imagetag: `imagetag worker` needs IMAGETAG_REDIS_URL", file=sys.stderr)
         return 2
-    import asyncio
-
     from inference.detector import DetectorLoadError
-    from inference.worker import Worker, WorkerConfig, run_until_signalled
-    from service.assembly import redis_client
+    from inference.worker import run_until_signalled
+    from service.assembly import build_worker
+    from service.backends import redis_client
     from service.worker_metrics import WorkerMetrics
 
+    client = redis_client(settings)
     metrics = WorkerMetrics()
     metrics.serve(settings.host, settings.metrics_port)
-    config = WorkerConfig(
-        max_batch_size=settings.batch_max_size,
-        max_wait_s=settings.batch_max_wait_s,
-        heartbeat_s=settings.worker_heartbeat_s,
-        visibility_timeout_s=settings.job_visibility_timeout_s,
-    )
 
     async def work() -> None:
-        client = redis_client(settings)
         try:
-            await run_until_signalled(Worker(client, lambda: _build_engine(settings), config, metrics))
+            await run_until_signalled(build_worker(settings, client, metrics))
         finally:
             await client.aclose()
 
@@ -167,76 +129,100 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _build_engine(settings: Settings):
-    from inference.engine import TaggingEngine
-
-    return TaggingEngine.build(settings.engine_config())
-
-
 def _tag(args: argparse.Namespace, settings: Settings) -> int:
-    from tqdm import tqdm
+    from service.errors import ServiceError
 
-    from inference.detector import DetectorLoadError
-    from inference.engine import ModelError
-    from service.errors import ServiceError, status_and_code
-    from service.images import ImageRules, load_image
-    from service.tagging import render
-
-    if not 0 <= args.threshold <= 100 or not 1 <= args.limit <= 150:
-        print("imagetag: --threshold must be 0..100 and --limit 1..150", file=sys.stderr)
+    try:
+        options = TaggingOptions.parse({"language": args.lang, "threshold": args.threshold, "limit": args.limit})
+    except ServiceError as error:
+        print(f"imagetag: {error.message}", file=sys.stderr)
         return 2
-    files = list(_image_files(args.paths))
+    files, missing = image_files(args.paths)
+    if missing:
+        print(f"imagetag: no such file or folder: {', '.join(map(str, missing))}", file=sys.stderr)
+        return 2
     if not files:
         print("imagetag: no JPG, PNG, BMP or WEBP files found", file=sys.stderr)
         return 2
+    return asyncio.run(_tag_files(files, options, settings))
+
+
+async def _tag_files(files: list[Path], options: TaggingOptions, settings: Settings) -> int:
+    """Tags through the HTTP API's own use case and error catalogue, with the files in flight
+    together so that the batcher can group them; prints one JSON line per file, in order."""
+    from tqdm import tqdm
+
+    from inference.detector import DetectorLoadError
+    from service.assembly import build_inference, build_tagging
+    from service.backends import redis_client
+    from service.errors import DownloadFailed, ServiceError, error_body
+
+    started = time.monotonic()
+    # A second model replica pays only when there is a second batch to run beside the first.
+    replicas = min(settings.model_replicas, -(-len(files) // settings.batch_max_size))
+    settings = settings.model_copy(update={"model_replicas": replicas})
+    redis = redis_client(settings) if settings.inference == "remote" else None
+    inference = build_inference(settings, redis)
     try:
-        engine = _build_engine(settings)
-    except DetectorLoadError as error:
-        print(f"imagetag: {error}", file=sys.stderr)
-        return 1
-    rules = ImageRules(settings.min_image_side, settings.max_image_side)
-    failures = 0
-    with tqdm(total=len(files), unit="image", disable=len(files) < 2, file=sys.stderr) as progress:
-        for start in range(0, len(files), _TAG_BATCH):
-            batch, images = files[start : start + _TAG_BATCH], []
-            lines: dict[Path, dict] = {}
-            for path in batch:
+        try:
+            await inference.start()
+        except DetectorLoadError as error:
+            print(f"imagetag: {error}", file=sys.stderr)
+            return 1
+        tagger = build_tagging(settings, inference)
+        # Enough in flight to fill batches, never more than the queue takes.
+        in_flight = asyncio.Semaphore(min(settings.queue_max, 2 * settings.batch_max_size * settings.model_replicas))
+
+        async def tag_one(path: Path) -> dict:
+            async with in_flight:
                 try:
-                    images.append((path, load_image(path.read_bytes(), rules)))
+                    try:
+                        data = await asyncio.to_thread(path.read_bytes)
+                    except OSError as error:
+                        raise DownloadFailed(f"cannot read {path}: {error.strerror}") from None
+                    response = await tagger.tag_bytes(data, options)
                 except ServiceError as error:
-                    lines[path] = _error_line(path, status_and_code(error)[1], error.message)
-                except OSError as error:
-                    lines[path] = _error_line(path, "AIS.0506", f"cannot read file: {error.strerror}")
-            results = engine.predict([image for _, image in images]) if images else []
-            for (path, _), result in zip(images, results):
-                if isinstance(result, ModelError):
-                    lines[path] = _error_line(path, "AIS.0505", str(result))
-                    continue
-                response = render(result, language=args.lang, threshold=args.threshold, limit=args.limit)
-                lines[path] = {"file": str(path), **response.model_dump()}
-            for path in batch:
-                failures += "error_code" in lines[path]
-                print(json.dumps(lines[path], ensure_ascii=False), flush=True)
-            progress.update(len(batch))
+                    return {"file": str(path), **error_body(error)}
+                return {"file": str(path), **response.model_dump()}
+
+        tasks = [asyncio.create_task(tag_one(path)) for path in files]
+        failures = 0
+        with tqdm(total=len(files), unit="image", disable=len(files) < 2, file=sys.stderr) as progress:
+            for task in tasks:
+                line = await task
+                failures += "error_code" in line
+                print(json.dumps(line, ensure_ascii=False), flush=True)
+                progress.update()
+    finally:
+        await inference.close()
+        if redis is not None:
+            await redis.aclose()
+    print(
+        f"imagetag: tagged {len(files) - failures} of {len(files)} images, {failures} failed, "
+        f"in {time.monotonic() - started:.1f} s",
+        file=sys.stderr,
+    )
     return 1 if failures else 0
 
 
-def _error_line(path: Path, code: str, message: str) -> dict:
-    return {"file": str(path), "error_code": code, "error_msg": message}
-
-
-def _image_files(paths: list[Path]) -> Iterator[Path]:
+def image_files(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """The image files named or found (recursively) in folders, and the paths that do not exist."""
+    files: list[Path] = []
+    missing: list[Path] = []
     for path in paths:
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif path.exists():
+            files.append(path)
         else:
-            yield path
+            missing.append(path)
+    return files, missing
 
 
 def _weights_list(args: argparse.Namespace, settings: Settings) -> int:
     from service.weights import read_manifest
 
-    for entry in read_manifest(settings.weights_dir / "manifest.toml").values():
+    for entry in read_manifest().values():
         present = "present" if (settings.weights_dir / entry.file).exists() else "-"
         print(f"{entry.name:20} {entry.kind:10} {entry.license:12} {present:8} {entry.description}")
     return 0
@@ -247,7 +233,7 @@ def _weights_fetch(args: argparse.Namespace, settings: Settings) -> int:
 
     from service.weights import FetchError, fetch, read_manifest
 
-    manifest = read_manifest(settings.weights_dir / "manifest.toml")
+    manifest = read_manifest()
     entry = manifest.get(args.name)
     if entry is None:
         print(f"imagetag: no weights named {args.name!r}; known: {', '.join(manifest)}", file=sys.stderr)

@@ -16,7 +16,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inference.batching import BatchStats
 from inference.client import InferenceClient
-from service.settings import Settings
 
 METRICS_PATH = "/metrics"
 # Where the error handlers leave the answered `error_code`, in the request's scope["state"].
@@ -31,9 +30,7 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class Metrics:
     """The gateway's metrics, in `registry`."""
 
-    def __init__(
-        self, latency_buckets_s: Sequence[float], *, workers_alive: Callable[[], int] | None = None
-    ) -> None:
+    def __init__(self, latency_buckets_s: Sequence[float]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -63,7 +60,7 @@ class Metrics:
             "imagetag_queue_depth", "Images still queued when the last batch was sent", registry=r
         )
         self._ready: Callable[[], bool] = lambda: False
-        self._workers_alive = workers_alive or (lambda: int(self._ready()))
+        self._workers_alive: Callable[[], int] = lambda: int(self._ready())
         Gauge("imagetag_models_ready", "1 when the models are loaded", registry=r).set_function(
             lambda: float(self._ready())
         )
@@ -71,13 +68,13 @@ class Metrics:
             lambda: float(self._workers_alive())
         )
 
-    @classmethod
-    def from_settings(cls, settings: Settings, *, workers_alive: Callable[[], int] | None = None) -> Metrics:
-        return cls(settings.latency_buckets_s, workers_alive=workers_alive)
-
     def watch(self, inference: InferenceClient) -> None:
-        """Reports `inference.ready` at each scrape (and, by default, one worker while ready)."""
+        """Reports `inference.ready` at each scrape (and, unless `count_workers`, one worker while ready)."""
         self._ready = lambda: inference.ready
+
+    def count_workers(self, workers_alive: Callable[[], int]) -> None:
+        """Remote inference: report the workers with a current heartbeat instead."""
+        self._workers_alive = workers_alive
 
     def observe_batch(self, stats: BatchStats) -> None:
         """The `on_batch` hook of `BatchingInference`."""

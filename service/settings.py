@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.networks import IPNetwork, parse_networks
 
 if TYPE_CHECKING:
     from inference.engine import EngineConfig
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
 MiB = 1024 * 1024
+
+
+class ConfigurationError(RuntimeError):
+    """Settings that cannot work together; reported at start-up, before serving."""
 
 
 class Settings(BaseSettings):
@@ -33,7 +36,13 @@ class Settings(BaseSettings):
     auth_mode: Literal["iam", "none"] = Field(
         "iam", description="iam: tokens and AK/SK required; none: every request accepted (trusted networks only)"
     )
-    data_dir: Path = Field(PROJECT_ROOT / "data", description="the embedded identity store and master key live here")
+    # Runtime state never lives in the package's own folder (site-packages, once installed): by
+    # default it is `data/` and `weights/` of the directory the command runs in, beside the
+    # project as .venv is, where an operator sees it, and never a hidden per-user folder that
+    # two checkouts would share by surprise. Containers and Helm set absolute paths.
+    data_dir: Path = Field(
+        Path("data"), description="the embedded identity store, its master key and dev credentials"
+    )
     redis_url: str | None = Field(
         None, description="shared Redis for identities, tokens and rate limits; unset: embedded, in-process"
     )
@@ -56,9 +65,9 @@ class Settings(BaseSettings):
     login_attempts_per_minute: float = Field(10.0, gt=0, description="per user and per client address")
 
     # Models
-    weights_dir: Path = PROJECT_ROOT / "weights"
+    weights_dir: Path = Field(Path("weights"), description="where `imagetag weights fetch` saves")
     detector_weights: Annotated[list[Path], NoDecode] = Field(
-        default_factory=lambda: [PROJECT_ROOT / "weights" / "yolo11n.pt"],
+        default_factory=lambda: [Path("weights") / "yolo11n.pt"],
         min_length=1,
         description="comma-separated: several detectors run side by side, their boxes fused per tag",
     )
@@ -137,9 +146,16 @@ class Settings(BaseSettings):
     @field_validator("url_allowed_networks", "trusted_proxies")
     @classmethod
     def _valid_networks(cls, value: list[str]) -> list[str]:
-        for network in value:
-            ipaddress.ip_network(network, strict=False)
+        parse_networks(value)
         return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if bool(self.tls_certfile) != bool(self.tls_keyfile):
+            raise ValueError("HTTPS needs both a certificate (IMAGETAG_TLS_CERTFILE) and a key (IMAGETAG_TLS_KEYFILE)")
+        if self.inference == "remote" and not self.redis_url:
+            raise ValueError("IMAGETAG_INFERENCE=remote needs IMAGETAG_REDIS_URL")
+        return self
 
     def engine_config(self) -> EngineConfig:
         from inference.engine import EngineConfig
@@ -157,14 +173,7 @@ class Settings(BaseSettings):
         )
 
     def allowed_networks(self) -> tuple[IPNetwork, ...]:
-        return _networks(self.url_allowed_networks)
+        return parse_networks(self.url_allowed_networks)
 
     def proxy_networks(self) -> tuple[IPNetwork, ...]:
-        return _networks(self.trusted_proxies)
-
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def _networks(cidrs: list[str]) -> tuple[IPNetwork, ...]:
-    return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+        return parse_networks(self.trusted_proxies)

@@ -1,4 +1,4 @@
-"""The tagging use case: request in, response out, whatever the transport (HTTP or CLI)."""
+"""The tagging use case: request in, response out, whatever the transport (HTTP or `imagetag tag`)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from service.images import ImageRules, decode_base64, load_image
 from service.protocol.tagging import (
     BoundingBox,
     I18nText,
+    TaggingOptions,
     TaggingRequest,
     TaggingResponse,
     TaggingResult,
@@ -64,19 +65,12 @@ class TaggingService:
             data = decode_base64(request.image, self.limits.max_base64_bytes)
         else:
             data = await fetch_image_bytes(request.url, self.limits.fetch_policy)
+        return await self.tag_bytes(data, request)
+
+    async def tag_bytes(self, data: bytes, options: TaggingOptions) -> TaggingResponse:
+        """Tags an encoded image (the bytes of a file or of a download), under the same rules."""
         # Decoding a 4096 px JPEG takes tens of milliseconds: keep it off the event loop.
         image = await asyncio.to_thread(self._decode, data)
-        return await self.tag_image(image, request)
-
-    def _decode(self, data: bytes) -> Image.Image:
-        started = time.perf_counter()
-        try:
-            return load_image(data, self.limits.image_rules)
-        finally:
-            if self.observe_decode is not None:
-                self.observe_decode(time.perf_counter() - started)
-
-    async def tag_image(self, image: Image.Image, request: TaggingRequest) -> TaggingResponse:
         if not self.inference.ready:
             raise Overloaded("the models are still loading; retry shortly", headers={"Retry-After": "5"})
         try:
@@ -85,7 +79,15 @@ class TaggingService:
             raise Overloaded(f"the service is overloaded ({error}); retry shortly", headers={"Retry-After": "1"}) from None
         if isinstance(result, ModelError):
             raise ModelFailed(str(result))
-        return render(result, language=request.language, threshold=request.threshold, limit=request.limit)
+        return render(result, language=options.language, threshold=options.threshold, limit=options.limit)
+
+    def _decode(self, data: bytes) -> Image.Image:
+        started = time.perf_counter()
+        try:
+            return load_image(data, self.limits.image_rules)
+        finally:
+            if self.observe_decode is not None:
+                self.observe_decode(time.perf_counter() - started)
 
 
 def render(

@@ -26,9 +26,8 @@ import httpcore
 import httpx
 
 from service.errors import DownloadFailed, ImageSizeInvalid, UrlNotAllowed
+from service.networks import IPAddress, IPNetwork
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _DEFAULT_PORTS = {"http": 80, "https": 443}

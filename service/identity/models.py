@@ -32,8 +32,8 @@ class Project:
     domain_id: str
     name: str
     created_at: datetime
-    # Per-project override of the gateway's rate limit; None means the default applies.
     rate_per_second: float | None = None
+    """Per-project override of the gateway's rate limit; None means the default applies."""
     burst: int | None = None
 
 

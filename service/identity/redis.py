@@ -1,4 +1,4 @@
-"""The shared identity store: hashes in one Redis, for several gateway replicas.
+"""The shared identity records: hashes in one Redis, for several gateway replicas.
 
 Keys, under `prefix` (default `imagetag:iam:`):
 
@@ -18,23 +18,16 @@ Times are epoch seconds; an unset rate limit is "".
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Mapping
-from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
-from service.identity import crypto
+from inference.tasks import as_text
+import service.identity.crypto as crypto
 from service.identity.models import AccessKey, Domain, Project, TokenRecord, User
-from service.identity.store import (
-    DEFAULT_TOKEN_TTL,
-    IdentityConflict,
-    IdentityNotFound,
-    check_rate_limit,
-    check_ttl,
-    require_name,
-)
+from service.identity.service import IdentityService
+from service.identity.store import IdentityConflict
 
 # Claim the name in the index and write the record in one step, so a crash cannot leave a
 # name claimed by a record that was never written.
@@ -53,12 +46,11 @@ Record = dict[str, str]
 T = TypeVar("T")
 
 
-class RedisIdentityStore:
-    """Implements `IdentityStore`. The client is the caller's: `close()` leaves it open."""
+class RedisRecords:
+    """Implements `IdentityRecords`. The client is the caller's: `close()` leaves it open."""
 
-    def __init__(self, client: aioredis.Redis, master_key: str, *, prefix: str = "imagetag:iam:") -> None:
+    def __init__(self, client: aioredis.Redis, *, prefix: str = "imagetag:iam:") -> None:
         self._redis = client
-        self._box = crypto.SecretBox(master_key)
         self._p = prefix
         self._create_unique = client.register_script(_CREATE_UNIQUE)
         self._update_existing = client.register_script(_UPDATE_EXISTING)
@@ -79,24 +71,22 @@ class RedisIdentityStore:
         if not await self._create_unique(keys=keys, args=[name, record["id"], *fields]):
             raise IdentityConflict(f"{what} already exists")
 
-    async def _update(self, key: str, fields: Record, what: str) -> None:
+    async def _create_in_domain(self, kind: str, record: Record) -> None:
+        """A user or a project: its name is unique within its domain."""
+        index_key, name = f"domain:{record['domain_id']}:{kind}s", record["name"]
+        await self._create(index_key, name, f"{kind}:{record['id']}", record, f"{kind} {name!r}")
+
+    async def _update(self, key: str, fields: Record) -> bool:
         args = [part for pair in fields.items() for part in pair]
-        if not await self._update_existing(keys=[self._p + key], args=args):
-            raise IdentityNotFound(f"no {what}")
+        return bool(await self._update_existing(keys=[self._p + key], args=args))
 
     async def _by_name(self, index_key: str, name: str, kind: str) -> Record | None:
         record_id = await self._redis.hget(self._p + index_key, name)
-        return None if record_id is None else await self._record(f"{kind}:{_text(record_id)}")
+        return None if record_id is None else await self._record(f"{kind}:{as_text(record_id)}")
 
-    async def _require(self, key: str) -> None:
-        if not await self._redis.exists(self._p + key):
-            raise IdentityNotFound(f"no {key.replace(':', ' ')}")
-
-    async def create_domain(self, name: str) -> Domain:
-        domain = Domain(crypto.new_id(), require_name("domain", name), crypto.utcnow())
-        record = {"id": domain.id, "name": name, "created_at": _epoch(domain.created_at)}
-        await self._create("domains", name, f"domain:{domain.id}", record, f"domain {name!r}")
-        return domain
+    async def insert_domain(self, domain: Domain) -> None:
+        record = {"id": domain.id, "name": domain.name, "created_at": _epoch(domain.created_at)}
+        await self._create("domains", domain.name, f"domain:{domain.id}", record, f"domain {domain.name!r}")
 
     async def get_domain(self, domain_id: str) -> Domain | None:
         return _maybe(_domain, await self._record(f"domain:{domain_id}"))
@@ -107,14 +97,10 @@ class RedisIdentityStore:
     async def list_domains(self) -> list[Domain]:
         return [_domain(r) for r in await self._records("domains", "domain")]
 
-    async def create_user(self, domain_id: str, name: str, password: str) -> User:
-        user = User(crypto.new_id(), domain_id, require_name("user", name), True, crypto.utcnow())
-        await self._require(f"domain:{domain_id}")
-        record = {"id": user.id, "domain_id": domain_id, "name": name, "enabled": "1",
-                  "password_hash": await asyncio.to_thread(crypto.hash_password, password),
-                  "created_at": _epoch(user.created_at)}
-        await self._create(f"domain:{domain_id}:users", name, f"user:{user.id}", record, f"user {name!r}")
-        return user
+    async def insert_user(self, user: User, password_hash: str) -> None:
+        record = {"id": user.id, "domain_id": user.domain_id, "name": user.name, "enabled": _flag(user.enabled),
+                  "password_hash": password_hash, "created_at": _epoch(user.created_at)}
+        await self._create_in_domain("user", record)
 
     async def get_user(self, user_id: str) -> User | None:
         return _maybe(_user, await self._record(f"user:{user_id}"))
@@ -122,86 +108,63 @@ class RedisIdentityStore:
     async def find_user(self, domain_id: str, name: str) -> User | None:
         return _maybe(_user, await self._by_name(f"domain:{domain_id}:users", name, "user"))
 
+    async def find_user_with_password(self, domain_name: str, user_name: str) -> tuple[User, str] | None:
+        domain_id = await self._redis.hget(self._p + "domains", domain_name)
+        if domain_id is None:
+            return None
+        record = await self._by_name(f"domain:{as_text(domain_id)}:users", user_name, "user")
+        return None if record is None else (_user(record), record["password_hash"])
+
     async def list_users(self, domain_id: str) -> list[User]:
         return [_user(r) for r in await self._records(f"domain:{domain_id}:users", "user")]
 
-    async def set_user_enabled(self, user_id: str, enabled: bool) -> None:
-        await self._update(f"user:{user_id}", {"enabled": _flag(enabled)}, f"user {user_id}")
+    async def set_user_enabled(self, user_id: str, enabled: bool) -> bool:
+        return await self._update(f"user:{user_id}", {"enabled": _flag(enabled)})
 
-    async def authenticate(self, domain_name: str, user_name: str, password: str) -> User | None:
-        domain_id = await self._redis.hget(self._p + "domains", domain_name)
-        record = None if domain_id is None else await self._by_name(
-            f"domain:{_text(domain_id)}:users", user_name, "user")
-        stored = record["password_hash"] if record else None
-        if await asyncio.to_thread(crypto.verify_password, password, stored) and record:
-            user = _user(record)
-            return user if user.enabled else None
-        return None
-
-    async def create_project(self, domain_id: str, name: str) -> Project:
-        project = Project(crypto.new_id(), domain_id, require_name("project", name), crypto.utcnow())
-        await self._require(f"domain:{domain_id}")
-        record = {"id": project.id, "domain_id": domain_id, "name": name, "rate_per_second": "",
-                  "burst": "", "created_at": _epoch(project.created_at)}
-        await self._create(f"domain:{domain_id}:projects", name, f"project:{project.id}", record,
-                           f"project {name!r}")
-        return project
-
-    async def get_project(self, project_id: str) -> Project | None:
-        return _maybe(_project, await self._record(f"project:{project_id}"))
+    async def insert_project(self, project: Project) -> None:
+        record = {"id": project.id, "domain_id": project.domain_id, "name": project.name,
+                  **_rate_limit_fields(project.rate_per_second, project.burst),
+                  "created_at": _epoch(project.created_at)}
+        await self._create_in_domain("project", record)
 
     async def find_project(self, domain_id: str, name: str) -> Project | None:
         return _maybe(_project, await self._by_name(f"domain:{domain_id}:projects", name, "project"))
 
+    async def get_project(self, project_id: str) -> Project | None:
+        return _maybe(_project, await self._record(f"project:{project_id}"))
+
     async def list_projects(self, domain_id: str) -> list[Project]:
         return [_project(r) for r in await self._records(f"domain:{domain_id}:projects", "project")]
 
-    async def set_project_rate_limit(
-        self, project_id: str, rate_per_second: float | None, burst: int | None
-    ) -> Project:
-        check_rate_limit(rate_per_second, burst)
-        fields = {"rate_per_second": "" if rate_per_second is None else repr(float(rate_per_second)),
-                  "burst": "" if burst is None else str(int(burst))}
-        await self._update(f"project:{project_id}", fields, f"project {project_id}")
-        project = await self.get_project(project_id)
-        if project is None:
-            raise IdentityNotFound(f"no project {project_id}")
-        return project
+    async def set_project_rate_limit(self, project_id: str, rate_per_second: float | None, burst: int | None) -> bool:
+        return await self._update(f"project:{project_id}", _rate_limit_fields(rate_per_second, burst))
 
-    async def create_access_key(self, user_id: str, description: str = "") -> tuple[AccessKey, str]:
-        user = await self.get_user(user_id)
-        if user is None:
-            raise IdentityNotFound(f"no user {user_id}")
-        key = AccessKey(crypto.new_access_key(), user_id, user.domain_id, True, crypto.utcnow(), description)
-        secret = crypto.new_secret_key()
-        record = {"ak": key.ak, "user_id": user_id, "domain_id": user.domain_id, "enabled": "1",
-                  "secret_sealed": self._box.encrypt(key.ak, secret), "description": description,
+    async def insert_access_key(self, key: AccessKey, sealed_secret: str) -> None:
+        record = {"ak": key.ak, "user_id": key.user_id, "domain_id": key.domain_id, "enabled": _flag(key.enabled),
+                  "secret_sealed": sealed_secret, "description": key.description,
                   "created_at": _epoch(key.created_at)}
         # 36**20 possible AKs: a collision is not worth a uniqueness check.
         pipe = self._redis.pipeline(transaction=True)
         pipe.hset(f"{self._p}ak:{key.ak}", mapping=record)
-        pipe.sadd(f"{self._p}user:{user_id}:keys", key.ak)
+        pipe.sadd(f"{self._p}user:{key.user_id}:keys", key.ak)
         await pipe.execute()
-        return key, secret
 
     async def get_access_key(self, ak: str) -> AccessKey | None:
         return _maybe(_key, await self._record(f"ak:{ak}"))
 
-    async def secret_for(self, ak: str) -> str | None:
+    async def find_access_key_with_secret(self, ak: str) -> tuple[AccessKey, str] | None:
         record = await self._record(f"ak:{ak}")
-        if record is None or record["enabled"] != "1" or not await self._user_enabled(record["user_id"]):
-            return None
-        return self._box.decrypt(ak, record["secret_sealed"])
+        return None if record is None else (_key(record), record["secret_sealed"])
 
     async def list_access_keys(self, user_id: str) -> list[AccessKey]:
         pipe = self._redis.pipeline(transaction=False)
         for ak in await self._redis.smembers(f"{self._p}user:{user_id}:keys"):
-            pipe.hgetall(f"{self._p}ak:{_text(ak)}")
+            pipe.hgetall(f"{self._p}ak:{as_text(ak)}")
         keys = [_key(record) for raw in await pipe.execute() if (record := _decode(raw))]
         return sorted(keys, key=lambda k: k.created_at)
 
-    async def set_access_key_enabled(self, ak: str, enabled: bool) -> None:
-        await self._update(f"ak:{ak}", {"enabled": _flag(enabled)}, f"access key {ak}")
+    async def set_access_key_enabled(self, ak: str, enabled: bool) -> bool:
+        return await self._update(f"ak:{ak}", {"enabled": _flag(enabled)})
 
     async def delete_access_key(self, ak: str) -> bool:
         user_id = await self._redis.hget(f"{self._p}ak:{ak}", "user_id")
@@ -209,66 +172,53 @@ class RedisIdentityStore:
             return False
         pipe = self._redis.pipeline(transaction=True)
         pipe.delete(f"{self._p}ak:{ak}")
-        pipe.srem(f"{self._p}user:{_text(user_id)}:keys", ak)
+        pipe.srem(f"{self._p}user:{as_text(user_id)}:keys", ak)
         deleted, _ = await pipe.execute()
         return bool(deleted)
 
-    async def issue_token(
-        self, user_id: str, project_id: str, ttl: timedelta = DEFAULT_TOKEN_TTL
-    ) -> tuple[str, TokenRecord]:
-        check_ttl(ttl)
-        user, project = await self.get_user(user_id), await self.get_project(project_id)
-        if user is None or project is None or project.domain_id != user.domain_id:
-            raise IdentityNotFound(f"no project {project_id} in the domain of user {user_id}")
-        token, issued_at = crypto.new_token(), crypto.utcnow()
-        record = TokenRecord(crypto.token_digest(token), user_id, user.domain_id, project_id,
-                             issued_at, issued_at + ttl)
+    async def insert_token(self, record: TokenRecord) -> None:
         key = f"{self._p}token:{record.id}"
         pipe = self._redis.pipeline(transaction=True)
-        pipe.hset(key, mapping={"user_id": user_id, "domain_id": user.domain_id, "project_id": project_id,
-                                "issued_at": _epoch(issued_at), "expires_at": _epoch(record.expires_at),
-                                "revoked": "0"})
+        pipe.hset(key, mapping={"user_id": record.user_id, "domain_id": record.domain_id,
+                                "project_id": record.project_id, "issued_at": _epoch(record.issued_at),
+                                "expires_at": _epoch(record.expires_at), "revoked": _flag(record.revoked)})
         pipe.pexpireat(key, record.expires_at)
         await pipe.execute()
-        return token, record
 
-    async def validate_token(self, token: str, now: datetime | None = None) -> TokenRecord | None:
-        digest = crypto.token_digest(token)
-        record = await self._record(f"token:{digest}")
-        if record is None or record["revoked"] != "0":
+    async def get_token(self, digest: str) -> TokenRecord | None:
+        r = await self._record(f"token:{digest}")
+        if r is None:
             return None
-        expires_at = crypto.from_epoch(float(record["expires_at"]))
-        if expires_at <= (now or crypto.utcnow()) or not await self._user_enabled(record["user_id"]):
-            return None
-        return TokenRecord(digest, record["user_id"], record["domain_id"], record["project_id"],
-                           crypto.from_epoch(float(record["issued_at"])), expires_at)
+        return TokenRecord(digest, r["user_id"], r["domain_id"], r["project_id"],
+                           crypto.from_epoch(float(r["issued_at"])), crypto.from_epoch(float(r["expires_at"])),
+                           r["revoked"] == "1")
 
-    async def revoke_token(self, token: str) -> bool:
-        key = f"token:{crypto.token_digest(token)}"
-        try:
-            await self._update(key, {"revoked": "1"}, "token")
-        except IdentityNotFound:
-            return False
-        return True
-
-    async def _user_enabled(self, user_id: str) -> bool:
-        return _text(await self._redis.hget(f"{self._p}user:{user_id}", "enabled")) == "1"
+    async def revoke_token(self, digest: str) -> bool:
+        return await self._update(f"token:{digest}", {"revoked": "1"})
 
     async def close(self) -> None:
         """Nothing to release: the client may be shared with the rest of the gateway."""
 
 
-def _text(value: bytes | str | None) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
+class RedisIdentityStore(IdentityService):
+    """The shared identity store: the rules of `IdentityService` over hashes in one Redis."""
+
+    def __init__(self, client: aioredis.Redis, master_key: str, *, prefix: str = "imagetag:iam:") -> None:
+        super().__init__(RedisRecords(client, prefix=prefix), master_key)
 
 
 def _decode(raw: Mapping[Any, Any]) -> Record:
     # Works whether or not the caller's client was built with decode_responses=True.
-    return {_text(k): _text(v) for k, v in raw.items()}  # type: ignore[misc]
+    return {as_text(k): as_text(v) for k, v in raw.items()}
 
 
 def _epoch(moment: datetime) -> str:
     return repr(moment.timestamp())
+
+
+def _rate_limit_fields(rate_per_second: float | None, burst: int | None) -> Record:
+    return {"rate_per_second": "" if rate_per_second is None else repr(float(rate_per_second)),
+            "burst": "" if burst is None else str(int(burst))}
 
 
 def _flag(enabled: bool) -> str:

@@ -7,20 +7,13 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from service.identity import crypto
+import service.identity.crypto as crypto
 from service.identity.models import AccessKey, Domain, Project, TokenRecord, User
-from service.identity.store import (
-    DEFAULT_TOKEN_TTL,
-    IdentityConflict,
-    IdentityNotFound,
-    check_rate_limit,
-    check_ttl,
-    require_name,
-)
+from service.identity.service import IdentityService
+from service.identity.store import IdentityConflict, IdentityNotFound
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS domains (
@@ -47,12 +40,11 @@ _KEY_COLUMNS = "k.ak, k.user_id, u.domain_id, k.enabled, k.created_at, k.descrip
 _KEY_JOIN = "access_keys k JOIN users u ON u.id = k.user_id"
 
 
-class SqliteIdentityStore:
-    """Implements `IdentityStore`. Opening creates the schema; calls run in a worker thread
+class SqliteRecords:
+    """Implements `IdentityRecords`. Opening creates the schema; calls run in a worker thread
     over one connection, serialised by a lock (sqlite3 connections are not thread-safe)."""
 
-    def __init__(self, path: str | Path, master_key: str, *, busy_timeout_s: float = 5.0) -> None:
-        self._box = crypto.SecretBox(master_key)
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 5.0) -> None:
         self._lock = threading.Lock()
         # Autocommit: every statement is its own transaction; other processes wait up to
         # busy_timeout_s for the write lock instead of failing at once.
@@ -71,9 +63,9 @@ class SqliteIdentityStore:
         rows = await self._rows(sql, params)
         return rows[0] if rows else None
 
-    async def _write(self, sql: str, params: Sequence[Any], what: str) -> int:
+    async def _write(self, sql: str, params: Sequence[Any], what: str) -> bool:
         try:
-            return await asyncio.to_thread(self._locked, lambda: self._db.execute(sql, params).rowcount)
+            return bool(await asyncio.to_thread(self._locked, lambda: self._db.execute(sql, params).rowcount))
         except sqlite3.IntegrityError as error:
             if error.sqlite_errorname == "SQLITE_CONSTRAINT_FOREIGNKEY":
                 raise IdentityNotFound(f"cannot create {what}: its owner does not exist") from None
@@ -83,11 +75,9 @@ class SqliteIdentityStore:
         with self._lock:
             return work()
 
-    async def create_domain(self, name: str) -> Domain:
-        domain = Domain(crypto.new_id(), require_name("domain", name), crypto.utcnow())
+    async def insert_domain(self, domain: Domain) -> None:
         await self._write("INSERT INTO domains VALUES (?, ?, ?)",
-                          (domain.id, name, domain.created_at.timestamp()), f"domain {name!r}")
-        return domain
+                          (domain.id, domain.name, domain.created_at.timestamp()), f"domain {domain.name!r}")
 
     async def get_domain(self, domain_id: str) -> Domain | None:
         return _maybe(_domain, await self._row("SELECT * FROM domains WHERE id = ?", (domain_id,)))
@@ -98,15 +88,12 @@ class SqliteIdentityStore:
     async def list_domains(self) -> list[Domain]:
         return [_domain(r) for r in await self._rows("SELECT * FROM domains ORDER BY name")]
 
-    async def create_user(self, domain_id: str, name: str, password: str) -> User:
-        user = User(crypto.new_id(), domain_id, require_name("user", name), True, crypto.utcnow())
-        password_hash = await asyncio.to_thread(crypto.hash_password, password)
+    async def insert_user(self, user: User, password_hash: str) -> None:
         await self._write(
-            "INSERT INTO users VALUES (?, ?, ?, ?, 1, ?)",
-            (user.id, domain_id, name, password_hash, user.created_at.timestamp()),
-            f"user {name!r}",
+            "INSERT INTO users VALUES (?, ?, ?, ?, ?, ?)",
+            (user.id, user.domain_id, user.name, password_hash, int(user.enabled), user.created_at.timestamp()),
+            f"user {user.name!r}",
         )
-        return user
 
     async def get_user(self, user_id: str) -> User | None:
         return _maybe(_user, await self._row("SELECT * FROM users WHERE id = ?", (user_id,)))
@@ -115,30 +102,24 @@ class SqliteIdentityStore:
         return _maybe(_user, await self._row(
             "SELECT * FROM users WHERE domain_id = ? AND name = ?", (domain_id, name)))
 
+    async def find_user_with_password(self, domain_name: str, user_name: str) -> tuple[User, str] | None:
+        row = await self._row(
+            "SELECT u.* FROM users u JOIN domains d ON d.id = u.domain_id"
+            " WHERE d.name = ? AND u.name = ?", (domain_name, user_name))
+        return None if row is None else (_user(row), row["password_hash"])
+
     async def list_users(self, domain_id: str) -> list[User]:
         rows = await self._rows("SELECT * FROM users WHERE domain_id = ? ORDER BY name", (domain_id,))
         return [_user(r) for r in rows]
 
-    async def set_user_enabled(self, user_id: str, enabled: bool) -> None:
-        if not await self._write("UPDATE users SET enabled = ? WHERE id = ?",
-                                 (int(enabled), user_id), "user"):
-            raise IdentityNotFound(f"no user {user_id}")
+    async def set_user_enabled(self, user_id: str, enabled: bool) -> bool:
+        return await self._write("UPDATE users SET enabled = ? WHERE id = ?", (int(enabled), user_id), "user")
 
-    async def authenticate(self, domain_name: str, user_name: str, password: str) -> User | None:
-        row = await self._row(
-            "SELECT u.* FROM users u JOIN domains d ON d.id = u.domain_id"
-            " WHERE d.name = ? AND u.name = ?", (domain_name, user_name))
-        stored = row["password_hash"] if row else None
-        if await asyncio.to_thread(crypto.verify_password, password, stored) and row["enabled"]:
-            return _user(row)
-        return None
-
-    async def create_project(self, domain_id: str, name: str) -> Project:
-        project = Project(crypto.new_id(), domain_id, require_name("project", name), crypto.utcnow())
-        await self._write("INSERT INTO projects VALUES (?, ?, ?, NULL, NULL, ?)",
-                          (project.id, domain_id, name, project.created_at.timestamp()),
-                          f"project {name!r}")
-        return project
+    async def insert_project(self, project: Project) -> None:
+        await self._write("INSERT INTO projects VALUES (?, ?, ?, ?, ?, ?)",
+                          (project.id, project.domain_id, project.name, project.rate_per_second,
+                           project.burst, project.created_at.timestamp()),
+                          f"project {project.name!r}")
 
     async def get_project(self, project_id: str) -> Project | None:
         return _maybe(_project, await self._row("SELECT * FROM projects WHERE id = ?", (project_id,)))
@@ -151,89 +132,65 @@ class SqliteIdentityStore:
         rows = await self._rows("SELECT * FROM projects WHERE domain_id = ? ORDER BY name", (domain_id,))
         return [_project(r) for r in rows]
 
-    async def set_project_rate_limit(
-        self, project_id: str, rate_per_second: float | None, burst: int | None
-    ) -> Project:
-        check_rate_limit(rate_per_second, burst)
-        await self._write("UPDATE projects SET rate_per_second = ?, burst = ? WHERE id = ?",
-                          (rate_per_second, burst, project_id), "project")
-        project = await self.get_project(project_id)
-        if project is None:
-            raise IdentityNotFound(f"no project {project_id}")
-        return project
+    async def set_project_rate_limit(self, project_id: str, rate_per_second: float | None, burst: int | None) -> bool:
+        return await self._write("UPDATE projects SET rate_per_second = ?, burst = ? WHERE id = ?",
+                                 (rate_per_second, burst, project_id), "project")
 
-    async def create_access_key(self, user_id: str, description: str = "") -> tuple[AccessKey, str]:
-        user = await self.get_user(user_id)
-        if user is None:
-            raise IdentityNotFound(f"no user {user_id}")
-        key = AccessKey(crypto.new_access_key(), user_id, user.domain_id, True, crypto.utcnow(), description)
-        secret = crypto.new_secret_key()
+    async def insert_access_key(self, key: AccessKey, sealed_secret: str) -> None:
         await self._write(
-            "INSERT INTO access_keys VALUES (?, ?, ?, 1, ?, ?)",
-            (key.ak, user_id, self._box.encrypt(key.ak, secret), description, key.created_at.timestamp()),
+            "INSERT INTO access_keys VALUES (?, ?, ?, ?, ?, ?)",
+            (key.ak, key.user_id, sealed_secret, int(key.enabled), key.description, key.created_at.timestamp()),
             "access key",
         )
-        return key, secret
 
     async def get_access_key(self, ak: str) -> AccessKey | None:
         return _maybe(_key, await self._row(f"SELECT {_KEY_COLUMNS} FROM {_KEY_JOIN} WHERE k.ak = ?", (ak,)))
 
-    async def secret_for(self, ak: str) -> str | None:
-        row = await self._row(
-            f"SELECT k.secret_sealed FROM {_KEY_JOIN} WHERE k.ak = ? AND k.enabled AND u.enabled", (ak,))
-        return self._box.decrypt(ak, row["secret_sealed"]) if row else None
+    async def find_access_key_with_secret(self, ak: str) -> tuple[AccessKey, str] | None:
+        row = await self._row(f"SELECT {_KEY_COLUMNS}, k.secret_sealed FROM {_KEY_JOIN} WHERE k.ak = ?", (ak,))
+        return None if row is None else (_key(row), row["secret_sealed"])
 
     async def list_access_keys(self, user_id: str) -> list[AccessKey]:
         rows = await self._rows(
             f"SELECT {_KEY_COLUMNS} FROM {_KEY_JOIN} WHERE k.user_id = ? ORDER BY k.created_at", (user_id,))
         return [_key(r) for r in rows]
 
-    async def set_access_key_enabled(self, ak: str, enabled: bool) -> None:
-        if not await self._write("UPDATE access_keys SET enabled = ? WHERE ak = ?",
-                                 (int(enabled), ak), "access key"):
-            raise IdentityNotFound(f"no access key {ak}")
+    async def set_access_key_enabled(self, ak: str, enabled: bool) -> bool:
+        return await self._write("UPDATE access_keys SET enabled = ? WHERE ak = ?", (int(enabled), ak), "access key")
 
     async def delete_access_key(self, ak: str) -> bool:
-        return bool(await self._write("DELETE FROM access_keys WHERE ak = ?", (ak,), "access key"))
+        return await self._write("DELETE FROM access_keys WHERE ak = ?", (ak,), "access key")
 
-    async def issue_token(
-        self, user_id: str, project_id: str, ttl: timedelta = DEFAULT_TOKEN_TTL
-    ) -> tuple[str, TokenRecord]:
-        check_ttl(ttl)
-        user, project = await self.get_user(user_id), await self.get_project(project_id)
-        if user is None or project is None or project.domain_id != user.domain_id:
-            raise IdentityNotFound(f"no project {project_id} in the domain of user {user_id}")
-        token, issued_at = crypto.new_token(), crypto.utcnow()
-        record = TokenRecord(crypto.token_digest(token), user_id, user.domain_id, project_id,
-                             issued_at, issued_at + ttl)
+    async def insert_token(self, record: TokenRecord) -> None:
         # Expired rows are dead weight: sweep them whenever a token is issued.
         await self._write("DELETE FROM tokens WHERE expires_at <= ?", (time.time(),), "token")
         await self._write(
-            "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, 0)",
-            (record.id, user_id, user.domain_id, project_id, issued_at.timestamp(),
-             record.expires_at.timestamp()),
+            "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (record.id, record.user_id, record.domain_id, record.project_id, record.issued_at.timestamp(),
+             record.expires_at.timestamp(), int(record.revoked)),
             "token",
         )
-        return token, record
 
-    async def validate_token(self, token: str, now: datetime | None = None) -> TokenRecord | None:
-        at = (now or crypto.utcnow()).timestamp()
-        row = await self._row(
-            "SELECT t.* FROM tokens t JOIN users u ON u.id = t.user_id"
-            " WHERE t.digest = ? AND NOT t.revoked AND u.enabled AND t.expires_at > ?",
-            (crypto.token_digest(token), at))
+    async def get_token(self, digest: str) -> TokenRecord | None:
+        row = await self._row("SELECT * FROM tokens WHERE digest = ?", (digest,))
         if row is None:
             return None
         return TokenRecord(row["digest"], row["user_id"], row["domain_id"], row["project_id"],
-                           crypto.from_epoch(row["issued_at"]), crypto.from_epoch(row["expires_at"]))
+                           crypto.from_epoch(row["issued_at"]), crypto.from_epoch(row["expires_at"]),
+                           bool(row["revoked"]))
 
-    async def revoke_token(self, token: str) -> bool:
-        return bool(await self._write(
-            "UPDATE tokens SET revoked = 1 WHERE digest = ? AND expires_at > ?",
-            (crypto.token_digest(token), time.time()), "token"))
+    async def revoke_token(self, digest: str) -> bool:
+        return await self._write("UPDATE tokens SET revoked = 1 WHERE digest = ?", (digest,), "token")
 
     async def close(self) -> None:
         await asyncio.to_thread(self._locked, self._db.close)
+
+
+class SqliteIdentityStore(IdentityService):
+    """The embedded identity store: the rules of `IdentityService` over one SQLite file."""
+
+    def __init__(self, path: str | Path, master_key: str, *, busy_timeout_s: float = 5.0) -> None:
+        super().__init__(SqliteRecords(path, busy_timeout_s=busy_timeout_s), master_key)
 
 
 def _maybe(convert: Callable[[sqlite3.Row], T], row: sqlite3.Row | None) -> T | None:

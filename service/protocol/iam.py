@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from service.errors import InvalidParameter
+from service.protocol.common import invalid_parameter
 
 
 class _Lenient(BaseModel):
@@ -63,9 +63,7 @@ class TokenRequest(_Lenient):
         try:
             return cls.model_validate(payload)
         except ValidationError as error:
-            first = error.errors(include_url=False)[0]
-            where = ".".join(str(part) for part in first["loc"])
-            raise InvalidParameter(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+            raise invalid_parameter(error.errors(include_url=False)) from None
 
 
 class DomainRef(BaseModel):

@@ -2,25 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from service.errors import InvalidParameter, UnknownField
+from service.protocol.common import invalid_parameter
 
 REQUEST_FIELDS = ("image", "url", "language", "threshold", "limit")
 
 
-class TaggingRequest(BaseModel):
-    """Exactly one of `image` (base64) and `url`; an empty string or null counts as absent."""
+class TaggingOptions(BaseModel):
+    """How to answer: the part of a request that does not name the image (the CLI's flags)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    image: str | None = Field(None, description="base64 of a JPG/PNG/BMP/WEBP image, at most 10 MB")
-    url: str | None = Field(None, description="http(s) URL of such an image")
     language: Literal["zh", "en"] = "zh"
     threshold: float = Field(60.0, ge=0, le=100, description="tags below this confidence are left out")
     limit: int = Field(50, ge=1, le=150, description="at most this many tags")
+
+    @classmethod
+    def parse(cls, payload: object) -> Self:
+        """Validates a decoded JSON value, raising the catalogue's errors."""
+        try:
+            return cls.model_validate(payload)
+        except ValidationError as error:
+            raise _catalogue_error(error) from None
+
+
+class TaggingRequest(TaggingOptions):
+    """Exactly one of `image` (base64) and `url`; an empty string or null counts as absent."""
+
+    image: str | None = Field(None, description="base64 of a JPG/PNG/BMP/WEBP image, at most 10 MB")
+    url: str | None = Field(None, description="http(s) URL of such an image")
 
     @model_validator(mode="before")
     @classmethod
@@ -35,14 +49,6 @@ class TaggingRequest(BaseModel):
             raise ValueError("give exactly one of 'image' (base64) and 'url'")
         return self
 
-    @classmethod
-    def parse(cls, payload: object) -> TaggingRequest:
-        """Validates a decoded JSON value, raising the catalogue's errors."""
-        try:
-            return cls.model_validate(payload)
-        except ValidationError as error:
-            raise _catalogue_error(error) from None
-
 
 def _catalogue_error(error: ValidationError) -> InvalidParameter | UnknownField:
     problems = error.errors(include_url=False)
@@ -52,10 +58,7 @@ def _catalogue_error(error: ValidationError) -> InvalidParameter | UnknownField:
             f"unknown field {', '.join(map(repr, unknown))}; "
             f"the API accepts {', '.join(REQUEST_FIELDS)}"
         )
-    first = problems[0]
-    where = ".".join(str(part) for part in first["loc"])
-    message = first["msg"].removeprefix("Value error, ")
-    return InvalidParameter(f"{where}: {message}" if where else message)
+    return invalid_parameter(problems)
 
 
 class BoundingBox(BaseModel):

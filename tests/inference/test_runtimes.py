@@ -13,6 +13,7 @@ Exports are made once per session into a temporary folder (offline, ~10 s in all
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -303,12 +304,16 @@ def test_auto_falls_back_to_torch_when_exports_cannot_be_written(tmp_path, caplo
 def test_openvino_does_not_phone_home():
     """`import openvino` and `ov.convert_model` send usage telemetry unless stopped (see runtimes)."""
     check = (
-        "import inference.runtimes, openvino, sys\n"
+        "import os, sys, inference.detector, inference.runtimes\n"
+        "assert 'openvino_telemetry' not in sys.modules and 'YOLO_OFFLINE' not in os.environ  # not at import\n"
+        "inference.runtimes.keep_runtimes_offline()\n"
+        "import openvino\n"
         "from openvino.tools.ovc import convert_impl, telemetry_stub, telemetry_utils\n"
-        "assert sys.modules['openvino_telemetry'] is None\n"
+        "assert sys.modules['openvino_telemetry'] is None and os.environ['YOLO_OFFLINE'] == 'true'\n"
         "assert convert_impl.tm is telemetry_stub and telemetry_utils.tm is telemetry_stub\n"
     )
-    subprocess.run([sys.executable, "-c", check], check=True, cwd=Path(__file__).resolve().parents[2])
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("YOLO_")}
+    subprocess.run([sys.executable, "-c", check], check=True, env=environment)
 
 
 def test_exports_leave_no_scratch_behind(runtime_cache):

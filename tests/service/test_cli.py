@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from service.weights import FetchError, WeightsEntry, fetch
+from service.cli import main
 from tests.conftest import DETECTOR_WEIGHTS, PHOTOS
+from tests.service import corpus
 
 IMAGETAG = Path(sys.executable).parent / "imagetag"
 
@@ -24,40 +25,65 @@ def run(*args: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_tag_files_and_folders_as_json_lines(tmp_path):
+    """The one run with real models: the rest of the command is the HTTP use case, tested there."""
     folder = tmp_path / "album"
     folder.mkdir()
     for name in ("cat_chelsea.jpg", "dogs_spaniels.jpg"):
         shutil.copy(PHOTOS / name, folder / name)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     (folder / "notes.txt").write_text("ignored: not an image name")
+    (folder / "tiny.png").write_bytes(corpus.photo_like(14, 200))
 
-    result = run("tag", str(folder), str(PHOTOS / "bus.jpg"), "--lang", "en", "--limit", "3")
+    # Chinese by default; the threshold and the limit as the HTTP API applies them.
+    result = run("tag", str(folder), str(PHOTOS / "bus.jpg"), "--limit", "3", "--threshold", "70")
 
     lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [Path(line["file"]).name for line in lines] == [
+        "broken.png", "cat_chelsea.jpg", "dogs_spaniels.jpg", "tiny.png", "bus.jpg"]  # in order
     by_file = {Path(line["file"]).name: line for line in lines}
-    assert set(by_file) == {"broken.png", "cat_chelsea.jpg", "dogs_spaniels.jpg", "bus.jpg"}
+    # The contract's error codes, from the same catalogue as HTTP.
     assert by_file["broken.png"]["error_code"] == "AIS.0503"
-    assert "cat" in [t["tag"] for t in by_file["cat_chelsea.jpg"]["result"]["tags"]]
-    assert "dog" in [t["tag"] for t in by_file["dogs_spaniels.jpg"]["result"]["tags"]]
+    assert by_file["tiny.png"]["error_code"] == "AIS.0504"
+    assert set(by_file["tiny.png"]) == {"file", "error_code", "error_msg"}
+    assert "猫" in [t["tag"] for t in by_file["cat_chelsea.jpg"]["result"]["tags"]]
+    assert "狗" in [t["tag"] for t in by_file["dogs_spaniels.jpg"]["result"]["tags"]]
+    tags = [t for line in lines if "result" in line for t in line["result"]["tags"]]
     assert all(len(line["result"]["tags"]) <= 3 for line in lines if "result" in line)
-    assert result.returncode == 1  # one file failed
-    assert "4/4" in result.stderr  # the progress bar
+    assert all(float(t["confidence"]) >= 70 for t in tags)
+    assert result.returncode == 1  # two files failed
+    assert "5/5" in result.stderr  # the progress bar
+    assert "tagged 3 of 5 images, 2 failed" in result.stderr.splitlines()[-1]  # the summary
 
 
-def test_tag_in_chinese_with_threshold():
-    result = run("tag", str(PHOTOS / "cat_chelsea.jpg"), "--threshold", "90")
-    assert result.returncode == 0, result.stderr
-    (line,) = [json.loads(line) for line in result.stdout.splitlines()]
-    tags = line["result"]["tags"]
-    assert "猫" in [t["tag"] for t in tags]
-    assert all(float(t["confidence"]) >= 90 for t in tags)
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--limit", "0"], "limit: Input should be greater than or equal to 1"),
+        (["--threshold", "101"], "threshold: Input should be less than or equal to 100"),
+        (["no/such/photo.jpg"], "no such file or folder: no/such/photo.jpg"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_model_loads(args, message, capsys, monkeypatch):
+    monkeypatch.setenv("IMAGETAG_DETECTOR_WEIGHTS", "/no/weights/here.pt")  # loading would fail otherwise
+    assert main(["tag", str(PHOTOS / "cat_chelsea.jpg"), *args]) == 2
+    assert message in capsys.readouterr().err
 
 
-def test_missing_detector_weights_are_explained(tmp_path):
-    result = run("tag", str(PHOTOS / "cat_chelsea.jpg"), IMAGETAG_DETECTOR_WEIGHTS=str(tmp_path / "none.pt"))
-    assert result.returncode == 1
-    assert "imagetag weights fetch" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_worker_and_remote_serving_need_a_redis_url(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("IMAGETAG_REDIS_URL", raising=False)
+    monkeypatch.setenv("IMAGETAG_DATA_DIR", str(tmp_path))
+    assert main(["worker"]) == 2
+    assert "`imagetag worker` needs IMAGETAG_REDIS_URL" in capsys.readouterr().err
+    monkeypatch.setenv("IMAGETAG_INFERENCE", "remote")
+    assert main(["serve"]) == 2
+    assert "IMAGETAG_INFERENCE=remote needs IMAGETAG_REDIS_URL" in capsys.readouterr().err
+
+
+def test_missing_detector_weights_are_explained(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("IMAGETAG_DETECTOR_WEIGHTS", str(tmp_path / "none.pt"))
+    assert main(["tag", str(PHOTOS / "cat_chelsea.jpg")]) == 1
+    err = capsys.readouterr().err
+    assert "imagetag weights fetch" in err and "Traceback" not in err
 
 
 def test_weights_list_shows_the_manifest():
@@ -79,26 +105,6 @@ def test_weights_fetch_offline_fails_with_a_clear_message(tmp_path):
 def test_weights_fetch_unknown_name():
     result = run("weights", "fetch", "yolo99")
     assert result.returncode == 2 and "yolo11n" in result.stderr
-
-
-def entry_for(url: str, data: bytes, **overrides) -> WeightsEntry:
-    values = dict(
-        name="test", kind="detector", file="test.pt", url=url, sha256=hashlib.sha256(data).hexdigest(),
-        size=len(data), license="test", classes="coco80", description="test",
-    )
-    return WeightsEntry(**{**values, **overrides})
-
-
-def test_fetch_verifies_the_checksum(tmp_path, files_server):
-    data = (PHOTOS / "cat_chelsea.jpg").read_bytes()
-    url = f"{files_server}/cat_chelsea.jpg"
-    with pytest.raises(FetchError, match="sha256"):
-        fetch(entry_for(url, data, sha256="0" * 64), tmp_path)
-    assert list(tmp_path.iterdir()) == []
-    with pytest.raises(FetchError, match="bytes"):
-        fetch(entry_for(url, data, size=len(data) + 1), tmp_path)
-    saved = fetch(entry_for(url, data), tmp_path)
-    assert saved.read_bytes() == data and saved.name == "test.pt"
 
 
 def test_weights_fetch_downloads_and_verifies_the_classifier(tmp_path):

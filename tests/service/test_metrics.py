@@ -13,9 +13,9 @@ from fastapi import FastAPI
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from inference.batching import BatchingConfig, BatchingInference, BatchStats
+from inference.batching import BatchStats
 from service.app import create_app
-from service.assembly import build_backends
+from service.assembly import build_components
 from service.metrics import Metrics
 from service.settings import Settings
 from tests.conftest import photo_base64
@@ -97,8 +97,9 @@ def test_readiness_and_workers_are_read_at_scrape_time():
     assert metrics.registry.get_sample_value("imagetag_models_ready") == 1
     assert metrics.registry.get_sample_value("imagetag_workers_alive") == 1  # local: one while ready
 
-    remote = Metrics([1.0], workers_alive=lambda: 3)
+    remote = Metrics([1.0])
     remote.watch(inference)
+    remote.count_workers(lambda: 3)
     assert remote.registry.get_sample_value("imagetag_workers_alive") == 3
 
 
@@ -121,9 +122,9 @@ class BrokenInference:
     async def close(self) -> None: ...
 
 
-def build_app(tmp_path, inference, metrics) -> FastAPI:
-    settings = Settings(auth_mode="none", data_dir=tmp_path, latency_buckets_s=[0.5, 5.0])
-    return create_app(settings, inference, build_backends(settings), metrics)
+def build_app(tmp_path, **replacements) -> FastAPI:
+    settings = Settings(auth_mode="none", data_dir=tmp_path, latency_buckets_s=[0.5, 5.0], batch_max_wait_s=0)
+    return create_app(build_components(settings, **replacements))
 
 
 @asynccontextmanager
@@ -138,11 +139,8 @@ async def serving(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def test_batches_reach_the_metrics_through_on_batch(tmp_path):
-    metrics = Metrics([0.5, 5.0])
-    inference = BatchingInference(FakeEngine, BatchingConfig(max_wait_s=0), on_batch=metrics.observe_batch)
-
     async def main() -> Samples:
-        async with serving(build_app(tmp_path, inference, metrics)) as client:
+        async with serving(build_app(tmp_path, build_engine=FakeEngine)) as client:
             response = await client.post(TAGGING, json={"image": photo_base64("cat_chelsea.jpg")})
             assert response.status_code == 200, response.text
             return parse((await client.get("/metrics")).text)
@@ -160,10 +158,8 @@ def test_batches_reach_the_metrics_through_on_batch(tmp_path):
 
 
 def test_an_unhandled_error_is_counted_as_the_500_the_client_saw(tmp_path):
-    metrics = Metrics([1.0])
-
     async def main() -> Samples:
-        async with serving(build_app(tmp_path, BrokenInference(), metrics)) as client:
+        async with serving(build_app(tmp_path, inference=BrokenInference())) as client:
             response = await client.post(TAGGING, json={"image": photo_base64("cat_chelsea.jpg")})
             assert (response.status_code, response.json()["error_code"]) == (500, "AIS.0506")
             return parse((await client.get("/metrics")).text)

@@ -191,8 +191,7 @@ REDIS_PASSWORD, which must come first), the master key, and writable homes for t
 Detector weights. The containers see them at weights.mountPath (/weights, as in the images):
 fetched by an initContainer into an emptyDir, a PersistentVolumeClaim, or (source=image) the
 image's own /weights (an image built with WEIGHTS=bake). The initContainer mounts the emptyDir
-elsewhere, so that `imagetag weights fetch` still reads the image's weights/manifest.toml from
-its IMAGETAG_WEIGHTS_DIR, which the chart leaves as the image sets it.
+elsewhere and fetches into it with --dir, leaving IMAGETAG_WEIGHTS_DIR as the image sets it.
 */}}
 {{- define "imagetag.fetchDir" -}}
 /fetched-weights

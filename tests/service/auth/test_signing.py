@@ -346,7 +346,6 @@ VALID = f"SDK-HMAC-SHA256 Access={AK}, SignedHeaders=host;x-sdk-date, Signature=
 def test_parse_authorization_round_trips():
     parsed = parse_authorization(VALID)
     assert parsed == SdkAuthorization(AK, ("host", "x-sdk-date"), "ab" * 32)
-    assert parsed.header_value() == VALID
     assert parse_authorization(f"  {VALID.replace(', ', ',')}  ") == parsed
     assert parse_authorization(VALID.replace("ab" * 32, "AB" * 32)) == parsed
 

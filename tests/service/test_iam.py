@@ -1,7 +1,8 @@
 """The single-process default: IAM on the embedded SQLite store, limits held in process.
 
-Follows the README's quick start: `imagetag admin dev-credentials --json`, `imagetag serve`, then
-an authenticated call.
+Follows the README's quick start: `imagetag admin dev-credentials --json`, then the gateway on the
+same data folder (the real app, models replaced by a fake client that takes its time, so that
+requests overlap), then authenticated calls. `tests/test_wheel.py` runs the same with real models.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from huaweicloudsdkcore.auth.credentials import BasicCredentials
 from huaweicloudsdkcore.sdk_request import SdkRequest
 from huaweicloudsdkcore.signer.signer import Signer
 
-from tests.conftest import REPO, photo_base64, start_server, stop_server
+from service.settings import Settings
+from tests.conftest import REPO, photo_base64
+from tests.service.fakes import FakeInference, gateway
 
 CAT = photo_base64("cat_chelsea.jpg")
 
@@ -38,9 +41,9 @@ def embedded(tmp_path_factory):
     )
     credentials = json.loads(result.stdout)
     # IMAGETAG_AUTH_MODE is left to its default, which must be iam.
-    server = start_server(directory, env={**env, "IMAGETAG_AUTH_MODE": None})
-    yield server, credentials, directory
-    stop_server(server)
+    with gateway(directory / "data", FakeInference(delay_s=0.3), auth_mode=Settings.model_fields["auth_mode"].default,
+                 max_concurrent_per_project=2, trusted_proxies=["127.0.0.1/32"]) as server:
+        yield server, credentials, directory
 
 
 def test_dev_credentials_are_complete_and_reused(embedded):
@@ -112,7 +115,7 @@ def test_locustfile_runs_headless_against_the_server(embedded, tmp_path):
     server, credentials, _ = embedded
     (tmp_path / "dev.json").write_text(json.dumps(credentials))
     locust = [sys.executable, "-m", "locust", "-f", str(REPO / "load-tests" / "locustfile.py"), "--headless",
-              "-u", "2", "-r", "2", "-t", "12s", "--host", server.base_url, "--credentials", str(tmp_path / "dev.json"),
+              "-u", "2", "-r", "2", "-t", "6s", "--host", server.base_url, "--credentials", str(tmp_path / "dev.json"),
               "--only-summary", "--csv", str(tmp_path / "run")]
     result = subprocess.run(locust, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,4 +1,8 @@
-"""IAM tokens and AK/SK end to end: two gateways sharing a real redis-server, real clients."""
+"""IAM tokens and AK/SK end to end: two gateways sharing a real redis-server, real clients.
+
+The gateways are the real app (`build_components`, `create_app`, uvicorn on loopback) with a fake
+inference client: every rule here is decided before the models, which have tests of their own.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlparse
 
@@ -31,7 +36,8 @@ from huaweicloudsdkiam.v3 import (
 )
 from huaweicloudsdkimage.v2 import ImageClient, ImageTaggingReq, RunImageTaggingRequest
 
-from tests.conftest import REPO, RedisProcess, photo_base64, start_server, stop_server
+from tests.conftest import REPO, RedisProcess, photo_base64
+from tests.service.fakes import gateway
 
 MASTER_KEY = "test-master-key-for-the-iam-suite"
 CAT = photo_base64("cat_chelsea.jpg")
@@ -78,10 +84,11 @@ def deployment(tmp_path_factory):
     other_project = admin(env, "projects", "create", "--domain", "other", "cn-north-4").split()[0]
     keys = admin(env, "keys", "create", "--domain", "other", "--user", "bob")
     other = {"project_id": other_project, "ak": keys.split()[1], "sk": keys.split()[3]}
-    gateways = [start_server(directory, env=env) for _ in range(2)]
-    yield Deployment(env, gateways, dev, other, redis_server)
-    for gateway in gateways:
-        stop_server(gateway)
+    settings = {"auth_mode": "iam", "redis_url": redis_server.url, "master_key": MASTER_KEY,
+                "rate_limit_per_s": 1000, "rate_limit_burst": 1000}
+    with ExitStack() as stack:
+        gateways = [stack.enter_context(gateway(directory / f"gateway-{i}", **settings)) for i in range(2)]
+        yield Deployment(env, gateways, dev, other, redis_server)
     redis_server.stop()
 
 
@@ -239,7 +246,8 @@ def test_revoked_token(deployment, how):
                                    headers={"X-Auth-Token": other_token, "X-Subject-Token": token}, timeout=10)
         assert response.status_code == 204, response.text
     else:
-        assert admin(deployment.env, "tokens", "revoke", token).strip() == "revoked"
+        # After "--": a token may start with "-", which would read as an option.
+        assert admin(deployment.env, "tokens", "revoke", "--", token).strip() == "revoked"
     for gateway in deployment.gateways:
         response = requests.post(gateway.base_url + tag_path(deployment), data=tagging_body(),
                                  headers={"X-Auth-Token": token}, timeout=30)

@@ -1,4 +1,5 @@
-"""Both identity backends against one behaviour: SQLite in tmp_path, Redis on a real server."""
+"""The identity rules (`service.identity.service`) over both record stores: SQLite in tmp_path,
+Redis on a real server."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""The HTTP gateway and command line of imagetag: everything but the models."""

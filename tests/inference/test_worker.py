@@ -1,0 +1,72 @@
+"""The worker loop in this process, on a real redis-server, with a stand-in engine: how each job
+is answered and reported. `test_remote.py` runs real `imagetag worker` processes with the models."""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis.asyncio import Redis
+
+from inference.batching import BatchStats
+from inference.engine import ModelError
+from inference.fusion import ScoredTag
+from inference.worker import Worker, WorkerConfig
+from tests.conftest import RedisProcess
+from tests.inference.test_remote import VOCABULARY, fresh_db, gateway, photo
+
+
+class StandInEngine:
+    """Every image is a cat, but a 1x1 image breaks the models (a `ModelError` of its own)."""
+
+    def predict(self, images):
+        return [ModelError("too small") if image.size == (1, 1) else [ScoredTag(VOCABULARY.tags["cat"], 0.9)]
+                for image in images]
+
+
+class Recorder:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.calls: list[tuple] = []
+
+    def batch(self, stats: BatchStats) -> None:
+        self.calls.append(("batch", stats.size))
+        if self.fail:
+            raise RuntimeError("a broken exporter")
+
+    def jobs(self, outcome: str, count: int) -> None:
+        self.calls.append(("jobs", outcome, count))
+
+    def up(self, serving: bool) -> None:
+        self.calls.append(("up", serving))
+
+
+async def serve_and_tag(url: str, observer: Recorder, *images) -> list:
+    client = Redis.from_url(url)
+    worker = Worker(client, StandInEngine, WorkerConfig(heartbeat_s=0.2), observer)
+    running = asyncio.create_task(worker.run())
+    try:
+        async with gateway(url) as inference:
+            return await inference.tag(list(images))
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, 10)
+        await client.aclose()
+
+
+def test_each_job_gets_its_own_result_and_the_observer_hears_of_it(redis_server: RedisProcess):
+    recorder = Recorder()
+    tiny = photo("cat_chelsea.jpg").resize((1, 1))
+    cat, broken = asyncio.run(serve_and_tag(fresh_db(redis_server, 6), recorder, photo("bus.jpg"), tiny))
+    assert [t.tag.key for t in cat] == ["cat"]
+    assert isinstance(broken, ModelError)
+    assert ("batch", 2) in recorder.calls
+    assert ("jobs", "tagged", 1) in recorder.calls and ("jobs", "model_error", 1) in recorder.calls
+    assert ("up", True) in recorder.calls and recorder.calls[-1] == ("up", False)
+
+
+def test_a_failing_observer_does_not_stop_the_worker(redis_server: RedisProcess):
+    recorder = Recorder(fail=True)
+    url = fresh_db(redis_server, 6)
+    first = asyncio.run(serve_and_tag(url, recorder, photo("bus.jpg")))
+    assert [t.tag.key for t in first[0]] == ["cat"]
+    assert ("jobs", "tagged", 1) in recorder.calls and ("up", True) in recorder.calls  # served on regardless
