@@ -60,6 +60,9 @@ def start_server(
         "IMAGETAG_DETECTOR_WEIGHTS": str(DETECTOR_WEIGHTS),
         "IMAGETAG_URL_ALLOWED_NETWORKS": "127.0.0.1/32",
         "IMAGETAG_TORCH_THREADS": "2",
+        # One engine: a second only adds start-up time here (replicas side by side are tested in
+        # tests/inference/test_batching.py).
+        "IMAGETAG_MODEL_REPLICAS": "1",
         "IMAGETAG_AUTH_MODE": "none",
         "IMAGETAG_DATA_DIR": str(tmp_dir / f"data-{port}"),
         **(env or {}),

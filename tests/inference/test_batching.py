@@ -378,3 +378,25 @@ def test_real_models_fail_only_the_caller_whose_image_breaks_the_batch(engine):
 
     run(lambda: engine, BatchingConfig(max_batch_size=4, max_wait_s=0.05), body, on_batch=stats.append)
     assert [s.size for s in stats] == [3]
+
+
+def test_replicas_serve_batches_side_by_side():
+    """Two engines, each on its own thread: a second batch runs while the first is still held."""
+    engines: list[SizeEngine] = []
+
+    def build() -> SizeEngine:
+        engines.append(SizeEngine())
+        return engines[-1]
+
+    async def body(client: BatchingInference) -> None:
+        first_engine = engines[0]
+        first_engine.hold.clear()
+        held = asyncio.create_task(client.tag([image(11)]))
+        await started(first_engine)
+        # The first engine is busy until released; the second answers meanwhile.
+        assert await asyncio.wait_for(client.tag([image(12)]), 2) == [["width=12"]]
+        first_engine.hold.set()
+        assert await held == [["width=11"]]
+        assert [e.seen() for e in engines] == [{11}, {12}]
+
+    run(build, BatchingConfig(max_batch_size=1, replicas=2), body)
