@@ -195,13 +195,22 @@ elsewhere, so that `imagetag weights fetch` still reads the image's weights/mani
 its IMAGETAG_WEIGHTS_DIR, which the chart leaves as the image sets it.
 */}}
 {{- define "imagetag.fetchDir" -}}
-/fetched-weights
+{{- if .Values.cache.enabled }}{{ include "imagetag.cachedWeightsDir" . }}{{ else }}/fetched-weights{{ end }}
+{{- end }}
+
+{{/* Fetched weights live on the cache volume when there is one; containers then read them there. */}}
+{{- define "imagetag.weightsCached" -}}
+{{- if and .Values.cache.enabled (eq .Values.weights.source "fetch") }}true{{ end }}
+{{- end }}
+
+{{- define "imagetag.cachedWeightsDir" -}}
+{{- printf "%s/weights" .Values.cache.mountPath }}
 {{- end }}
 
 {{/* The detector files, the first and weights.extraDetectors, comma-separated as the setting takes them. */}}
 {{- define "imagetag.detectorPaths" -}}
 {{- $weights := .Values.weights -}}
-{{- $mount := trimSuffix "/" $weights.mountPath -}}
+{{- $mount := ternary (include "imagetag.cachedWeightsDir" .) (trimSuffix "/" $weights.mountPath) (eq (include "imagetag.weightsCached" .) "true") -}}
 {{- $paths := list -}}
 {{- if eq $weights.source "fetch" -}}
 {{- range prepend ($weights.extraDetectors | default list) $weights.detector }}{{ $paths = append $paths (printf "%s/%s.pt" $mount .) }}{{ end -}}
@@ -214,10 +223,24 @@ its IMAGETAG_WEIGHTS_DIR, which the chart leaves as the image sets it.
 {{- define "imagetag.weightsEnv" -}}
 - name: IMAGETAG_DETECTOR_WEIGHTS
   value: {{ include "imagetag.detectorPaths" . | quote }}
+{{- if .Values.cache.enabled }}
+- name: IMAGETAG_RUNTIME_CACHE_DIR
+  value: {{ printf "%s/runtimes" .Values.cache.mountPath | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "imagetag.cacheClaim" -}}
+{{- default (printf "%s-cache" (include "imagetag.fullname" .)) .Values.cache.existingClaim }}
 {{- end }}
 
 {{- define "imagetag.weightsVolumes" -}}
-{{- if eq .Values.weights.source "pvc" }}
+{{- if .Values.cache.enabled }}
+- name: cache
+  persistentVolumeClaim:
+    claimName: {{ include "imagetag.cacheClaim" . }}
+{{- end }}
+{{- if include "imagetag.weightsCached" . }}
+{{- else if eq .Values.weights.source "pvc" }}
 - name: weights
   persistentVolumeClaim:
     claimName: {{ .Values.weights.existingClaim }}
@@ -230,7 +253,13 @@ its IMAGETAG_WEIGHTS_DIR, which the chart leaves as the image sets it.
 {{- end }}
 
 {{- define "imagetag.weightsMounts" -}}
-{{- if ne .Values.weights.source "image" }}
+{{- if .Values.cache.enabled }}
+# Writable: the runtimes export into it (fetched weights are checked again at every start).
+- name: cache
+  mountPath: {{ .Values.cache.mountPath }}
+{{- end }}
+{{- if include "imagetag.weightsCached" . }}
+{{- else if ne .Values.weights.source "image" }}
 - name: weights
   mountPath: {{ .Values.weights.mountPath }}
   readOnly: true
@@ -244,7 +273,11 @@ its IMAGETAG_WEIGHTS_DIR, which the chart leaves as the image sets it.
 - name: {{ if eq $index 0 }}fetch-weights{{ else }}fetch-weights-{{ $index }}{{ end }}
   image: {{ include "imagetag.image" $ }}
   imagePullPolicy: {{ $.image.pullPolicy }}
-  command: ["imagetag", "weights", "fetch", {{ $detector | quote }}, "--dir", {{ include "imagetag.fetchDir" $ | quote }}]
+  {{- if $.root.Values.cache.enabled }}
+  command: ["python", "-c", {{ $.root.Files.Get "files/fetch-cached.py" | toJson }}, "weights", "fetch", {{ $detector | quote }}, "--dir", {{ include "imagetag.fetchDir" $.root | quote }}]
+  {{- else }}
+  command: ["imagetag", "weights", "fetch", {{ $detector | quote }}, "--dir", {{ include "imagetag.fetchDir" $.root | quote }}]
+  {{- end }}
   env:
     - name: HOME
       value: /tmp
@@ -256,8 +289,13 @@ its IMAGETAG_WEIGHTS_DIR, which the chart leaves as the image sets it.
   resources:
     {{- toYaml $.root.Values.weights.fetchResources | nindent 4 }}
   volumeMounts:
+    {{- if $.root.Values.cache.enabled }}
+    - name: cache
+      mountPath: {{ $.root.Values.cache.mountPath }}
+    {{- else }}
     - name: weights
-      mountPath: {{ include "imagetag.fetchDir" $ }}
+      mountPath: {{ include "imagetag.fetchDir" $.root }}
+    {{- end }}
     - name: tmp
       mountPath: /tmp
 {{- end }}
@@ -271,6 +309,13 @@ its IMAGETAG_WEIGHTS_DIR, which the chart leaves as the image sets it.
 {{- end }}
 {{- if and (eq .Values.weights.source "pvc") (not .Values.weights.existingClaim) }}
 {{- fail "weights.source=pvc needs weights.existingClaim" }}
+{{- end }}
+{{- $keda := .Values.worker.autoscaling.keda }}
+{{- if and .Values.worker.enabled $keda.enabled (not .Values.worker.autoscaling.enabled) }}
+{{- fail "worker.autoscaling.keda.enabled needs worker.autoscaling.enabled=true (KEDA takes minReplicas, maxReplicas and behavior from there)" }}
+{{- end }}
+{{- if and .Values.worker.enabled .Values.worker.autoscaling.enabled $keda.enabled (not .Values.redis.enabled) (not $keda.externalRedis.address) }}
+{{- fail "worker.autoscaling.keda with redis.enabled=false needs worker.autoscaling.keda.externalRedis.address (host:port)" }}
 {{- end }}
 {{- if and .Values.redis.enabled .Values.redis.auth.password (not (regexMatch "^[A-Za-z0-9._~-]+$" .Values.redis.auth.password)) }}
 {{- fail "redis.auth.password must be URL-safe (letters, digits, . _ ~ -): it is part of IMAGETAG_REDIS_URL" }}
