@@ -1031,8 +1031,7 @@ def test_extra_detectors_run_side_by_side(monkeypatch) -> None:
 def test_cache_volume_holds_fetched_weights_and_runtime_exports(renderings, monkeypatch) -> None:
     from service.cli import _parser
 
-    assert not renderings["default"].of_kind("PersistentVolumeClaim") or all(
-        c["metadata"]["name"] != "imagetag-cache" for c in renderings["default"].of_kind("PersistentVolumeClaim"))
+    assert not renderings["default"].of_kind("PersistentVolumeClaim")
     for name, which in (("gpu-keda", "worker"), ("cpu-small", "gateway")):
         rendering = renderings[name]
         cache = rendering.values["cache"]
