@@ -192,7 +192,9 @@ Detector weights. The containers see them at weights.mountPath (/weights, as in 
 fetched by an initContainer into an emptyDir, a PersistentVolumeClaim, or (source=image) the
 image's own /weights (an image built with WEIGHTS=bake). The initContainer mounts the emptyDir
 elsewhere, so that `imagetag weights fetch` still reads the image's weights/manifest.toml from
-its IMAGETAG_WEIGHTS_DIR, which the chart leaves as the image sets it.
+its IMAGETAG_WEIGHTS_DIR, which the chart leaves as the image sets it. With cache.enabled,
+fetched weights go to <cache.mountPath>/weights on the persistent cache instead, where the next
+start finds and verifies them, and the containers read them from there.
 */}}
 {{- define "imagetag.fetchDir" -}}
 {{- if .Values.cache.enabled }}{{ include "imagetag.cachedWeightsDir" . }}{{ else }}/fetched-weights{{ end }}
