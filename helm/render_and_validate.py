@@ -9,8 +9,10 @@ For the default values and each values file in helm/examples/ (or the files give
 3. renders it (Helm's template engine: the Helm Go SDK through helm-python-sdk, no cluster),
 4. validates every rendered object against the Kubernetes OpenAPI schemas of the oldest and
    newest Kubernetes versions the chart supports (kubernetes-validate, strict: unknown fields
-   are errors), and the Prometheus Operator's ServiceMonitor against that CRD's generated
-   model (cloudcoil-models-prometheus-operator). An object of any other kind is an error.
+   are errors), and the custom resources against the models generated from their CRDs: the
+   Prometheus Operator's ServiceMonitor and PrometheusRule (cloudcoil-models-prometheus-operator),
+   KEDA's ScaledObject and TriggerAuthentication (cloudcoil-models-keda). An object of any other
+   kind is an error.
 
 Nothing is downloaded. Exit status 0 when everything is valid, 1 otherwise.
 
@@ -119,8 +121,8 @@ def validate(rendering: Rendering) -> list[str]:
         if key in seen:
             problems.append(f"{what}: rendered twice")
         seen.add(key)
-        if obj.get("kind") == "ServiceMonitor":
-            problems.extend(f"{what}: {p}" for p in validate_service_monitor(obj))
+        if obj.get("kind") in CUSTOM_RESOURCES:
+            problems.extend(f"{what}: {p}" for p in validate_custom_resource(obj))
             continue
         for version in KUBE_VERSIONS:
             try:
@@ -134,16 +136,30 @@ def validate(rendering: Rendering) -> list[str]:
     return problems
 
 
-def validate_service_monitor(obj: dict[str, Any]) -> list[str]:
-    """Against the ServiceMonitor model generated from the Prometheus Operator's CRD; fields the
-    model does not know are reported (the model itself would drop them silently)."""
-    import pydantic
-    from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
+# kind -> (apiVersion, module of the model generated from the CRD); the model class is the kind.
+CUSTOM_RESOURCES = {
+    "ServiceMonitor": ("monitoring.coreos.com/v1", "cloudcoil.models.prometheus_operator.v1"),
+    "PrometheusRule": ("monitoring.coreos.com/v1", "cloudcoil.models.prometheus_operator.v1"),
+    "ScaledObject": ("keda.sh/v1alpha1", "cloudcoil.models.keda.v1alpha1"),
+    "TriggerAuthentication": ("keda.sh/v1alpha1", "cloudcoil.models.keda.v1alpha1"),
+}
 
+
+def validate_custom_resource(obj: dict[str, Any]) -> list[str]:
+    """Against the model generated from the resource's CRD; fields the model does not know are
+    reported (the model itself would drop them silently)."""
+    import importlib
+
+    import pydantic
+
+    api_version, module = CUSTOM_RESOURCES[obj["kind"]]
+    if obj.get("apiVersion") != api_version:
+        return [f"apiVersion {obj.get('apiVersion')!r}, the CRD serves {api_version!r}"]
+    model_class = getattr(importlib.import_module(module), obj["kind"])
     try:
-        model = ServiceMonitor.model_validate(obj)
+        model = model_class.model_validate(obj)
     except pydantic.ValidationError as error:
-        return [f"invalid ServiceMonitor: {e['loc']}: {e['msg']}" for e in error.errors(include_url=False)]
+        return [f"invalid {obj['kind']}: {e['loc']}: {e['msg']}" for e in error.errors(include_url=False)]
     known = model.model_dump(by_alias=True, exclude_unset=True, mode="json")
     return [f"unknown field {path}" for path in _unknown_fields(obj, known)]
 

@@ -222,7 +222,7 @@ def image_files(paths: list[Path]) -> tuple[list[Path], list[Path]]:
 def _weights_list(args: argparse.Namespace, settings: Settings) -> int:
     from service.weights import read_manifest
 
-    for entry in read_manifest().values():
+    for entry in read_manifest(settings.weights_manifest).values():
         present = "present" if (settings.weights_dir / entry.file).exists() else "-"
         print(f"{entry.name:20} {entry.kind:10} {entry.license:12} {present:8} {entry.description}")
     return 0
@@ -233,7 +233,7 @@ def _weights_fetch(args: argparse.Namespace, settings: Settings) -> int:
 
     from service.weights import FetchError, fetch, read_manifest
 
-    manifest = read_manifest()
+    manifest = read_manifest(settings.weights_manifest)
     entry = manifest.get(args.name)
     if entry is None:
         print(f"imagetag: no weights named {args.name!r}; known: {', '.join(manifest)}", file=sys.stderr)

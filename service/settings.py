@@ -66,6 +66,10 @@ class Settings(BaseSettings):
 
     # Models
     weights_dir: Path = Field(Path("weights"), description="where `imagetag weights fetch` saves")
+    weights_manifest: Path | None = Field(
+        None,
+        description="a weights manifest of your own (say, pointing at an internal mirror); unset: the one in the package",
+    )
     detector_weights: Annotated[list[Path], NoDecode] = Field(
         default_factory=lambda: [Path("weights") / "yolo11n.pt"],
         min_length=1,

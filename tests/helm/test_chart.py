@@ -52,8 +52,9 @@ NON_SETTINGS_ENV = {"REDIS_PASSWORD", "HOME", "YOLO_CONFIG_DIR", "MPLCONFIGDIR",
 REDIS_CONTAINER_ENV = {"REDIS_PASSWORD", "REDISCLI_AUTH"}
 # Settings the chart derives from its own values; `config` may not set them.
 CHART_MANAGED = {"host", "port", "tls_certfile", "tls_keyfile", "data_dir", "redis_url", "master_key",
-                 "weights_dir", "detector_weights", "classifier_weights", "device", "inference", "metrics_port"}
-EXAMPLES = ("cpu-small", "gpu-production", "external-redis")
+                 "weights_dir", "detector_weights", "classifier_weights", "device", "inference", "metrics_port",
+                 "runtime_cache_dir"}
+EXAMPLES = ("cpu-small", "gpu-production", "external-redis", "gpu-keda")
 
 
 def _load_script():
@@ -192,12 +193,20 @@ def test_validator_rejects_unknown_kinds_and_fields() -> None:
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"}, "spec": {"ports": [{"port": "eighty"}]}},
         {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": {"name": "m"},
          "spec": {"selector": {}, "endpoints": [{"port": "http", "pathh": "/metrics"}]}},
+        {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "so"},
+         "spec": {"scaleTargetRef": {"name": "w"}, "triggers": [{"type": "redis-streams", "metadata": {}, "authRef": {}}]}},
+        {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "no-triggers"},
+         "spec": {"scaleTargetRef": {"name": "w"}}},
+        {"apiVersion": "monitoring.coreos.com/v1beta1", "kind": "PrometheusRule", "metadata": {"name": "r"}, "spec": {}},
     ]
-    rendering.sources = ["a.yaml", "b.yaml", "c.yaml"]
+    rendering.sources = ["a.yaml", "b.yaml", "c.yaml", "d.yaml", "e.yaml", "f.yaml"]
     problems = "\n".join(rv.validate(rendering))
     assert "Frobnicator" in problems and "no schema" in problems
     assert "Service/s: invalid" in problems
     assert "unknown field spec.endpoints[0].pathh" in problems
+    assert "ScaledObject/so: unknown field spec.triggers[0].authRef" in problems
+    assert "ScaledObject/no-triggers: invalid ScaledObject" in problems and "triggers" in problems
+    assert "PrometheusRule/r: apiVersion" in problems
 
 
 def test_every_rendering_is_valid(renderings) -> None:
@@ -264,10 +273,13 @@ def test_gateway_settings(renderings, monkeypatch) -> None:
         settings = settings_from(resolved_env(container), monkeypatch)
         assert settings.host == "0.0.0.0", "a gateway on 127.0.0.1 is unreachable from its Service"
         assert settings.port == container["ports"][0]["containerPort"]
-        workers = name == "gpu-production" or name == "external-redis"
+        workers = name in ("gpu-production", "external-redis", "gpu-keda")
         assert settings.inference == ("remote" if workers else "local"), name
         if not workers:
-            assert settings.detector_weights[0].parent == Path(rendering.values.get("weights", {}).get("mountPath", "/weights"))
+            cache = rendering.values.get("cache", {})
+            expected = (Path(cache.get("mountPath", "/cache")) / "weights" if cache.get("enabled")
+                        else Path(rendering.values.get("weights", {}).get("mountPath", "/weights")))
+            assert settings.detector_weights[0].parent == expected, name
 
 
 def test_worker_settings(renderings, monkeypatch) -> None:
@@ -660,6 +672,12 @@ def test_values_schema_rejects_bad_values() -> None:
         {"redis": {"auth": {"password": "p@ss/word"}}},
         {"gateway": {"resources": {"limits": None}}},  # limits are required
         {"ingress": {"hosts": [{"host": "x.example", "paths": ["metrics"]}]}},
+        {"cache": {"accessModes": ["ReadWriteSometimes"]}},
+        {"cache": {"mountPath": "/cache/"}},
+        {"worker": {"autoscaling": {"keda": {"trigger": "lagCount"}}}},
+        {"worker": {"autoscaling": {"keda": {"externalRedis": {"address": "rediss://redis.example:6380"}}}}},
+        {"metrics": {"prometheusRule": {"errorRatio": 5}}},
+        {"metrics": {"grafanaDashboard": {"labels": {"grafana_dashboard": 1}}}},
     ]
     with helm.Chart.load(CHART) as chart:
         for values in bad_values:
@@ -695,6 +713,11 @@ def test_render_fails_clearly_on_impossible_values() -> None:
     for values, message in (
         ({"redis": {"enabled": False}}, "externalRedis.url or externalRedis.existingSecret"),
         ({"weights": {"source": "pvc"}}, "weights.existingClaim"),
+        ({"worker": {"enabled": True, "autoscaling": {"enabled": False, "keda": {"enabled": True}}}},
+         "worker.autoscaling.keda.enabled needs worker.autoscaling.enabled=true"),
+        ({"redis": {"enabled": False}, "externalRedis": {"url": "rediss://:pw@redis.example:6380/0"},
+          "worker": {"enabled": True, "autoscaling": {"enabled": True, "keda": {"enabled": True}}}},
+         "worker.autoscaling.keda.externalRedis.address"),
     ):
         rendering = rv.render("impossible", values)
         assert any(message in error for error in rendering.errors), rendering.errors
@@ -1004,3 +1027,278 @@ def test_extra_detectors_run_side_by_side(monkeypatch) -> None:
     assert "initContainers" not in pod
     settings = settings_from(resolved_env(pod["containers"][0]), monkeypatch)
     assert settings.detector_weights == [Path("/weights/yolo11s.pt"), Path("/weights/oiv7/yolov8s-oiv7.pt")]
+
+
+# --- operations: cache volume, KEDA, alerts, dashboard ---------------------------------------
+
+def test_cache_volume_holds_fetched_weights_and_runtime_exports(renderings, monkeypatch) -> None:
+    from service.cli import _parser
+
+    assert not renderings["default"].of_kind("PersistentVolumeClaim")
+    for name, which in (("gpu-keda", "worker"), ("cpu-small", "gateway")):
+        rendering = renderings[name]
+        cache = rendering.values["cache"]
+        claim = rendering.get("PersistentVolumeClaim", "imagetag-cache")
+        assert claim["spec"]["accessModes"] == cache["accessModes"]
+        assert claim["spec"]["resources"]["requests"]["storage"] == cache["size"]
+        pod = deployment(rendering, which)["spec"]["template"]["spec"]
+        assert {"name": "cache", "persistentVolumeClaim": {"claimName": "imagetag-cache"}} in pod["volumes"]
+        assert not any(v["name"] == "weights" for v in pod["volumes"]), "fetched weights live on the cache"
+        detectors = [rendering.values["weights"]["detector"], *rendering.values["weights"].get("extraDetectors", [])]
+        inits = pod["initContainers"]
+        assert len(inits) == len(detectors)
+        for init, detector in zip(inits, detectors):
+            assert init["command"][:2] == ["python", "-c"]
+            args = _parser().parse_args(init["command"][3:])
+            assert (args.name, args.dir) == (detector, Path("/cache/weights"))
+            assert {"name": "cache", "mountPath": "/cache"} in init["volumeMounts"]
+        main = pod["containers"][0]
+        assert {"name": "cache", "mountPath": "/cache"} in main["volumeMounts"]
+        settings = settings_from(resolved_env(main), monkeypatch)
+        assert settings.runtime_cache_dir == Path("/cache/runtimes")
+        assert settings.detector_weights == [Path("/cache/weights") / f"{d}.pt" for d in detectors]
+    # Remote gateways load no models: no cache for them.
+    gateway = deployment(renderings["gpu-keda"], "gateway")["spec"]["template"]["spec"]
+    assert not any(v["name"] == "cache" for v in gateway["volumes"]) and "initContainers" not in gateway
+
+    # A claim of yours, and runtime exports only (weights from a PVC of their own).
+    mine = render({"cache": {"enabled": True, "existingClaim": "shared-cache"},
+                   "weights": {"source": "pvc", "existingClaim": "models"}})
+    assert not mine.of_kind("PersistentVolumeClaim")
+    pod = deployment(mine, "gateway")["spec"]["template"]["spec"]
+    assert {"name": "cache", "persistentVolumeClaim": {"claimName": "shared-cache"}} in pod["volumes"]
+    assert {"name": "weights", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["volumes"]
+    settings = settings_from(resolved_env(pod["containers"][0]), monkeypatch)
+    assert settings.detector_weights == [Path("/weights/yolo11n.pt")]
+    assert settings.runtime_cache_dir == Path("/cache/runtimes")
+
+
+@pytest.fixture
+def weights_server(tmp_path: Path) -> Iterator[tuple[str, bytes, list[str]]]:
+    """A local HTTP server with one weights file, logging each request: the download that a
+    fetch initContainer makes, without the internet."""
+    import http.server
+    import threading
+
+    payload = os.urandom(64 * 1024)
+    requests_seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests_seen.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/detector.pt", payload, requests_seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_cached_fetch_skips_a_verified_file_and_fetches_a_missing_or_bad_one(renderings, weights_server, tmp_path) -> None:
+    """The initContainer's own command, run for real against a manifest whose detector comes from
+    a local server: the first start downloads, the next one verifies the cached file and skips the
+    download, and a damaged file is fetched again."""
+    import hashlib
+
+    url, payload, requests_seen = weights_server
+    manifest = tmp_path / "manifest.toml"  # a manifest of one's own, as for an internal mirror
+    manifest.write_text(
+        f'[yolo11s]\nkind = "detector"\nfile = "yolo11s.pt"\nurl = "{url}"\n'
+        f'sha256 = "{hashlib.sha256(payload).hexdigest()}"\nsize = {len(payload)}\n'
+        'license = "AGPL-3.0"\nclasses = "coco80"\ndescription = "test"\n')
+    cache = tmp_path / "cache"
+    init = deployment(renderings["gpu-keda"], "worker")["spec"]["template"]["spec"]["initContainers"][0]
+    command = [sys.executable if part == "python" else part.replace("/cache", str(cache)) for part in init["command"]]
+    env = {**resolved_env(init), "HOME": str(tmp_path), "IMAGETAG_WEIGHTS_MANIFEST": str(manifest),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    target = cache / "weights" / "yolo11s.pt"
+
+    def start() -> subprocess.CompletedProcess:
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert target.read_bytes() == payload
+        return run
+
+    start()
+    assert len(requests_seen) == 1
+    again = start()
+    assert len(requests_seen) == 1, "a verified file must not be downloaded again"
+    assert "verified in the cache" in again.stdout
+    target.write_bytes(payload[:-1] + bytes([payload[-1] ^ 1]))  # same size, wrong digest
+    start()
+    assert len(requests_seen) == 2
+    target.write_bytes(payload[:100])  # cut short
+    start()
+    assert len(requests_seen) == 3
+
+
+def test_keda_scales_workers_on_the_job_stream(renderings) -> None:
+    from inference.remote import Channels
+
+    rendering = renderings["gpu-keda"]
+    autoscaling = rendering.values["worker"]["autoscaling"]
+    assert {h["metadata"]["name"] for h in rendering.of_kind("HorizontalPodAutoscaler")} == {"imagetag-gateway"}, \
+        "KEDA makes the worker HPA; the chart's own would fight it"
+    worker = deployment(rendering, "worker")
+    assert "replicas" not in worker["spec"]
+    scaled = rendering.get("ScaledObject", "imagetag-worker")["spec"]
+    assert scaled["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "imagetag-worker"}
+    assert (scaled["minReplicaCount"], scaled["maxReplicaCount"]) == (autoscaling["minReplicas"], autoscaling["maxReplicas"])
+    assert scaled["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == autoscaling["behavior"]
+    [trigger] = scaled["triggers"]
+    assert trigger["type"] == "redis-streams"
+    metadata = trigger["metadata"]
+    assert metadata["stream"] == Channels().stream
+    # With a consumerGroup, KEDA would count pending entries, not the stream's length.
+    assert "consumerGroup" not in metadata and metadata["streamLength"] == str(autoscaling["keda"]["target"])
+    assert all(isinstance(v, str) for v in metadata.values()), "KEDA's trigger metadata is a map of strings"
+    host, port = metadata["address"].rsplit(":", 1)
+    service = rendering.get("Service", "imagetag-redis")
+    assert host == f"imagetag-redis.{rv.NAMESPACE}.svc", "the operator resolves names from its own namespace"
+    assert int(port) in [p["port"] for p in service["spec"]["ports"]]
+    assert metadata["databaseIndex"] == "0"
+    # The password comes from the Secret the workers read it from.
+    auth = rendering.get("TriggerAuthentication", trigger["authenticationRef"]["name"])
+    [secret_ref] = auth["spec"]["secretTargetRef"]
+    password_env = next(e for e in main_container(worker)["env"] if e["name"] == "REDIS_PASSWORD")
+    assert secret_ref["parameter"] == "password"
+    assert {"name": secret_ref["name"], "key": secret_ref["key"]} == password_env["valueFrom"]["secretKeyRef"]
+    # The built-in Redis admits the KEDA operator's namespace.
+    [rule] = rendering.get("NetworkPolicy", "imagetag-redis")["spec"]["ingress"]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}} in rule["from"]
+    [rule] = renderings["gpu-production"].get("NetworkPolicy", "imagetag-redis")["spec"]["ingress"]
+    assert not any("namespaceSelector" in peer for peer in rule["from"])
+
+    pending = render({"worker": {"enabled": True, "autoscaling": {"enabled": True, "keda": {
+        "enabled": True, "trigger": "pendingEntriesCount", "target": 8}}}})
+    metadata = pending.get("ScaledObject", "imagetag-worker")["spec"]["triggers"][0]["metadata"]
+    assert (metadata["consumerGroup"], metadata["pendingEntriesCount"]) == (Channels().group, "8")
+    assert "streamLength" not in metadata
+    assert not any(h["metadata"]["name"] == "imagetag-worker" for h in pending.of_kind("HorizontalPodAutoscaler"))
+    assert not renderings["gpu-production"].of_kind("ScaledObject")
+
+
+def test_keda_on_an_external_redis() -> None:
+    values = {"redis": {"enabled": False}, "externalRedis": {"existingSecret": "imagetag-redis"},
+              "worker": {"enabled": True, "autoscaling": {"enabled": True, "keda": {"enabled": True, "externalRedis": {
+                  "address": "redis.example.internal:6380", "databaseIndex": 2, "enableTLS": True,
+                  "passwordSecret": "imagetag-redis", "passwordSecretKey": "password"}}}}}
+    rendering = render(values)
+    [trigger] = rendering.get("ScaledObject", "imagetag-worker")["spec"]["triggers"]
+    assert trigger["metadata"]["address"] == "redis.example.internal:6380"
+    assert (trigger["metadata"]["databaseIndex"], trigger["metadata"]["enableTLS"]) == ("2", "true")
+    auth = rendering.get("TriggerAuthentication", trigger["authenticationRef"]["name"])
+    assert auth["spec"]["secretTargetRef"] == [{"parameter": "password", "name": "imagetag-redis", "key": "password"}]
+    assert not rendering.of_kind("NetworkPolicy")
+    values["worker"]["autoscaling"]["keda"]["externalRedis"]["passwordSecret"] = ""
+    no_password = render(values)
+    assert not no_password.of_kind("TriggerAuthentication")
+    assert "authenticationRef" not in no_password.get("ScaledObject", "imagetag-worker")["spec"]["triggers"][0]
+
+
+def exported_metric_names() -> set[str]:
+    """Every series name the gateway and the worker really export (`up` is Prometheus's own)."""
+    from service.metrics import Metrics
+    from service.worker_metrics import WorkerMetrics
+
+    names = {"up"}
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    for registry in (Metrics([0.1, 1.0]).registry, WorkerMetrics().registry):
+        for family in registry.collect():
+            names.update(family.name + suffix for suffix in suffixes[family.type])
+    return names
+
+
+def promql_metrics(expr: str) -> set[str]:
+    """Metric names in a PromQL expression: identifiers before a selector's `{`."""
+    return set(re.findall(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\{", expr))
+
+
+def test_prometheus_rules_alert_on_metrics_that_exist(renderings) -> None:
+    exported = exported_metric_names()
+    assert not renderings["gpu-production"].of_kind("PrometheusRule")
+    remote = renderings["gpu-keda"]
+    local = render({"metrics": {"prometheusRule": {"enabled": True, "queueDepth": 20}}})
+    alerts = {}
+    for rendering in (remote, local):
+        [rule] = rendering.of_kind("PrometheusRule")
+        assert rule["metadata"]["labels"].get("release") == rendering.values["metrics"]["prometheusRule"].get("labels", {}).get("release")
+        services = {s["metadata"]["name"] for s in rendering.of_kind("Service")}
+        names = set()
+        for group in rule["spec"]["groups"]:
+            for alert in group["rules"]:
+                names.add(alert["alert"])
+                used = promql_metrics(alert["expr"])
+                assert used and used <= exported, f"{alert['alert']}: {used - exported} are not exported"
+                # Series are picked by the Service name the ServiceMonitors give as `job`.
+                jobs = set(re.findall(r'job="([^"]+)"', alert["expr"]))
+                assert jobs and jobs <= services, alert["alert"]
+                assert f'namespace="{rv.NAMESPACE}"' in alert["expr"]
+                assert alert["labels"]["severity"] in ("warning", "critical")
+                assert alert["annotations"]["summary"]
+        alerts[rendering.name] = names
+    shared = {"ImagetagHighErrorRate", "ImagetagHighLatency", "ImagetagUnavailable"}
+    assert alerts["gpu-keda"] == shared | {"ImagetagNoWorkers", "ImagetagWorkerDown", "ImagetagRedisErrors", "ImagetagJobsExpiring"}
+    assert alerts["test"] == shared | {"ImagetagQueueBacklog", "ImagetagModelsNotReady"}
+    [rule] = remote.of_kind("PrometheusRule")
+    high_errors = next(a for g in rule["spec"]["groups"] for a in g["rules"] if a["alert"] == "ImagetagHighErrorRate")
+    assert high_errors["expr"].strip().endswith("> 0.02") and high_errors["labels"]["team"] == "vision"
+    [rule] = local.of_kind("PrometheusRule")
+    backlog = next(a for g in rule["spec"]["groups"] for a in g["rules"] if a["alert"] == "ImagetagQueueBacklog")
+    assert backlog["expr"].strip().endswith("> 20")
+
+
+def test_prometheus_rule_fires_on_the_error_codes_the_app_answers() -> None:
+    # Redis failures reach clients as Overloaded: the code ImagetagUnavailable watches.
+    from service.errors import CATALOGUE, Overloaded
+    from service.ratelimit import RateLimiterUnavailable
+
+    assert CATALOGUE[Overloaded] == (503, "AIS.0506") and issubclass(RateLimiterUnavailable, Overloaded)
+    [rule] = render({"metrics": {"prometheusRule": {"enabled": True}}}).of_kind("PrometheusRule")
+    unavailable = next(a for g in rule["spec"]["groups"] for a in g["rules"] if a["alert"] == "ImagetagUnavailable")
+    assert 'status="503", code="AIS.0506"' in unavailable["expr"]
+
+
+def test_grafana_dashboard_configmap(renderings) -> None:
+    import json
+
+    assert not renderings["default"].of_kind("ConfigMap")
+    rendering = renderings["gpu-keda"]
+    config_map = rendering.get("ConfigMap", "imagetag-dashboard")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config_map["metadata"]["annotations"] == {"grafana_folder": "imagetag"}
+    [(key, text)] = config_map["data"].items()
+    assert key.endswith(".json")
+    dashboard = json.loads(text)
+    assert dashboard == json.loads((CHART / "dashboards" / "imagetag.json").read_text())
+    exported = exported_metric_names()
+    used: set[str] = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            names = promql_metrics(target["expr"])
+            assert names and names <= exported, f"{panel['title']}: {names - exported} are not exported"
+            used |= names
+    # What an operator needs on one screen: requests by status/code, p50/p99, queue depth,
+    # batch size, workers alive and model time.
+    assert {"imagetag_requests_total", "imagetag_request_duration_seconds_bucket", "imagetag_queue_depth",
+            "imagetag_batch_size_sum", "imagetag_worker_batch_size_sum", "imagetag_workers_alive",
+            "imagetag_model_seconds_bucket", "imagetag_worker_model_seconds_bucket"} <= used
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    assert "sum by (status, code)" in exprs and "histogram_quantile(0.5," in exprs and "histogram_quantile(0.99," in exprs
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert set(re.findall(r"\$(\w+)", exprs)) - {"__rate_interval"} <= variables
+    custom = render({"metrics": {"grafanaDashboard": {"enabled": True, "labels": {"dashboards": "imagetag"}}}})
+    assert custom.get("ConfigMap", "imagetag-dashboard")["metadata"]["labels"]["dashboards"] == "imagetag"

@@ -191,16 +191,27 @@ REDIS_PASSWORD, which must come first), the master key, and writable homes for t
 Detector weights. The containers see them at weights.mountPath (/weights, as in the images):
 fetched by an initContainer into an emptyDir, a PersistentVolumeClaim, or (source=image) the
 image's own /weights (an image built with WEIGHTS=bake). The initContainer mounts the emptyDir
-elsewhere and fetches into it with --dir, leaving IMAGETAG_WEIGHTS_DIR as the image sets it.
+elsewhere and fetches into it with --dir, leaving IMAGETAG_WEIGHTS_DIR as the image sets it. With
+cache.enabled, fetched weights go to <cache.mountPath>/weights on the persistent cache instead,
+where the next start finds and verifies them, and the containers read them from there.
 */}}
 {{- define "imagetag.fetchDir" -}}
-/fetched-weights
+{{- if .Values.cache.enabled }}{{ include "imagetag.cachedWeightsDir" . }}{{ else }}/fetched-weights{{ end }}
+{{- end }}
+
+{{/* Fetched weights live on the cache volume when there is one; containers then read them there. */}}
+{{- define "imagetag.weightsCached" -}}
+{{- if and .Values.cache.enabled (eq .Values.weights.source "fetch") }}true{{ end }}
+{{- end }}
+
+{{- define "imagetag.cachedWeightsDir" -}}
+{{- printf "%s/weights" .Values.cache.mountPath }}
 {{- end }}
 
 {{/* The detector files, the first and weights.extraDetectors, comma-separated as the setting takes them. */}}
 {{- define "imagetag.detectorPaths" -}}
 {{- $weights := .Values.weights -}}
-{{- $mount := trimSuffix "/" $weights.mountPath -}}
+{{- $mount := ternary (include "imagetag.cachedWeightsDir" .) (trimSuffix "/" $weights.mountPath) (eq (include "imagetag.weightsCached" .) "true") -}}
 {{- $paths := list -}}
 {{- if eq $weights.source "fetch" -}}
 {{- range prepend ($weights.extraDetectors | default list) $weights.detector }}{{ $paths = append $paths (printf "%s/%s.pt" $mount .) }}{{ end -}}
@@ -213,10 +224,24 @@ elsewhere and fetches into it with --dir, leaving IMAGETAG_WEIGHTS_DIR as the im
 {{- define "imagetag.weightsEnv" -}}
 - name: IMAGETAG_DETECTOR_WEIGHTS
   value: {{ include "imagetag.detectorPaths" . | quote }}
+{{- if .Values.cache.enabled }}
+- name: IMAGETAG_RUNTIME_CACHE_DIR
+  value: {{ printf "%s/runtimes" .Values.cache.mountPath | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "imagetag.cacheClaim" -}}
+{{- default (printf "%s-cache" (include "imagetag.fullname" .)) .Values.cache.existingClaim }}
 {{- end }}
 
 {{- define "imagetag.weightsVolumes" -}}
-{{- if eq .Values.weights.source "pvc" }}
+{{- if .Values.cache.enabled }}
+- name: cache
+  persistentVolumeClaim:
+    claimName: {{ include "imagetag.cacheClaim" . }}
+{{- end }}
+{{- if include "imagetag.weightsCached" . }}
+{{- else if eq .Values.weights.source "pvc" }}
 - name: weights
   persistentVolumeClaim:
     claimName: {{ .Values.weights.existingClaim }}
@@ -229,7 +254,13 @@ elsewhere and fetches into it with --dir, leaving IMAGETAG_WEIGHTS_DIR as the im
 {{- end }}
 
 {{- define "imagetag.weightsMounts" -}}
-{{- if ne .Values.weights.source "image" }}
+{{- if .Values.cache.enabled }}
+# Writable: the runtimes export into it (fetched weights are checked again at every start).
+- name: cache
+  mountPath: {{ .Values.cache.mountPath }}
+{{- end }}
+{{- if include "imagetag.weightsCached" . }}
+{{- else if ne .Values.weights.source "image" }}
 - name: weights
   mountPath: {{ .Values.weights.mountPath }}
   readOnly: true
@@ -243,7 +274,11 @@ elsewhere and fetches into it with --dir, leaving IMAGETAG_WEIGHTS_DIR as the im
 - name: {{ if eq $index 0 }}fetch-weights{{ else }}fetch-weights-{{ $index }}{{ end }}
   image: {{ include "imagetag.image" $ }}
   imagePullPolicy: {{ $.image.pullPolicy }}
-  command: ["imagetag", "weights", "fetch", {{ $detector | quote }}, "--dir", {{ include "imagetag.fetchDir" $ | quote }}]
+  {{- if $.root.Values.cache.enabled }}
+  command: ["python", "-c", {{ $.root.Files.Get "files/fetch-cached.py" | toJson }}, "weights", "fetch", {{ $detector | quote }}, "--dir", {{ include "imagetag.fetchDir" $.root | quote }}]
+  {{- else }}
+  command: ["imagetag", "weights", "fetch", {{ $detector | quote }}, "--dir", {{ include "imagetag.fetchDir" $.root | quote }}]
+  {{- end }}
   env:
     - name: HOME
       value: /tmp
@@ -255,8 +290,13 @@ elsewhere and fetches into it with --dir, leaving IMAGETAG_WEIGHTS_DIR as the im
   resources:
     {{- toYaml $.root.Values.weights.fetchResources | nindent 4 }}
   volumeMounts:
+    {{- if $.root.Values.cache.enabled }}
+    - name: cache
+      mountPath: {{ $.root.Values.cache.mountPath }}
+    {{- else }}
     - name: weights
-      mountPath: {{ include "imagetag.fetchDir" $ }}
+      mountPath: {{ include "imagetag.fetchDir" $.root }}
+    {{- end }}
     - name: tmp
       mountPath: /tmp
 {{- end }}
@@ -270,6 +310,13 @@ elsewhere and fetches into it with --dir, leaving IMAGETAG_WEIGHTS_DIR as the im
 {{- end }}
 {{- if and (eq .Values.weights.source "pvc") (not .Values.weights.existingClaim) }}
 {{- fail "weights.source=pvc needs weights.existingClaim" }}
+{{- end }}
+{{- $keda := .Values.worker.autoscaling.keda }}
+{{- if and .Values.worker.enabled $keda.enabled (not .Values.worker.autoscaling.enabled) }}
+{{- fail "worker.autoscaling.keda.enabled needs worker.autoscaling.enabled=true (KEDA takes minReplicas, maxReplicas and behavior from there)" }}
+{{- end }}
+{{- if and .Values.worker.enabled .Values.worker.autoscaling.enabled $keda.enabled (not .Values.redis.enabled) (not $keda.externalRedis.address) }}
+{{- fail "worker.autoscaling.keda with redis.enabled=false needs worker.autoscaling.keda.externalRedis.address (host:port)" }}
 {{- end }}
 {{- if and .Values.redis.enabled .Values.redis.auth.password (not (regexMatch "^[A-Za-z0-9._~-]+$" .Values.redis.auth.password)) }}
 {{- fail "redis.auth.password must be URL-safe (letters, digits, . _ ~ -): it is part of IMAGETAG_REDIS_URL" }}
