@@ -1,12 +1,15 @@
-"""The single-process default: IAM on the embedded SQLite store, limits held in process.
+"""Where identities and limits live: by default the embedded SQLite store and limits held in
+process; with IMAGETAG_REDIS_URL, Redis for both, under a master key that must be given.
 
-Follows the README's quick start: `imagetag admin dev-credentials --json`, then the gateway on the
-same data folder (the real app, models replaced by a fake client that takes its time, so that
-requests overlap), then authenticated calls. `tests/test_wheel.py` runs the same with real models.
+The default follows the README's quick start: `imagetag admin dev-credentials --json`, then the
+gateway on the same data folder (the real app, models replaced by a fake client that takes its
+time, so that requests overlap), then authenticated calls. `tests/test_wheel.py` runs the same with
+real models.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -20,7 +23,10 @@ from huaweicloudsdkcore.auth.credentials import BasicCredentials
 from huaweicloudsdkcore.sdk_request import SdkRequest
 from huaweicloudsdkcore.signer.signer import Signer
 
-from service.settings import Settings
+from service.backends import build_backends, master_key_for
+from service.identity import RedisIdentityStore, SqliteIdentityStore
+from service.ratelimit import LocalRateLimiter, RedisRateLimiter
+from service.settings import ConfigurationError, Settings
 from tests.conftest import REPO, photo_base64
 from tests.service.fakes import FakeInference, gateway
 
@@ -30,11 +36,7 @@ CAT = photo_base64("cat_chelsea.jpg")
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
     directory = tmp_path_factory.mktemp("embedded")
-    env = {
-        "IMAGETAG_DATA_DIR": str(directory / "data"),
-        "IMAGETAG_MAX_CONCURRENT_PER_PROJECT": "2",
-        "IMAGETAG_TRUSTED_PROXIES": "127.0.0.1/32",
-    }
+    env = {"IMAGETAG_DATA_DIR": str(directory / "data"), "IMAGETAG_MAX_CONCURRENT_PER_PROJECT": "2"}
     result = subprocess.run(
         [sys.executable, "-m", "service.cli", "admin", "dev-credentials", "--json"],
         env={**os.environ, **env}, capture_output=True, text=True, timeout=60, cwd=REPO, check=True,
@@ -42,20 +44,8 @@ def embedded(tmp_path_factory):
     credentials = json.loads(result.stdout)
     # IMAGETAG_AUTH_MODE is left to its default, which must be iam.
     with gateway(directory / "data", FakeInference(delay_s=0.3), auth_mode=Settings.model_fields["auth_mode"].default,
-                 max_concurrent_per_project=2, trusted_proxies=["127.0.0.1/32"]) as server:
+                 max_concurrent_per_project=2) as server:
         yield server, credentials, directory
-
-
-def test_dev_credentials_are_complete_and_reused(embedded):
-    server, credentials, directory = embedded
-    assert set(credentials) == {"domain", "user", "password", "project_id", "project_name", "ak", "sk"}
-    again = subprocess.run(
-        [sys.executable, "-m", "service.cli", "admin", "dev-credentials", "--json"],
-        env={**os.environ, "IMAGETAG_DATA_DIR": str(directory / "data")},
-        capture_output=True, text=True, timeout=60, cwd=REPO, check=True,
-    )
-    assert json.loads(again.stdout) == credentials
-    assert oct((directory / "data" / "dev-credentials.json").stat().st_mode & 0o777) == "0o600"
 
 
 def test_quick_start_token_then_tag(embedded):
@@ -95,22 +85,6 @@ def test_concurrency_cap_per_project(embedded):
     assert refused.json()["error_code"] == "APIG.0308" and refused.headers["Retry-After"] == "1"
 
 
-def test_signature_through_a_trusted_proxy_uses_the_original_host(embedded):
-    server, credentials, _ = embedded
-    body = json.dumps({"image": CAT, "limit": 1}).encode()
-    request = SdkRequest(method="POST", schema="https", host="tagging.example.com",
-                         resource_path=f"/v2/{credentials['project_id']}/image/tagging", query_params=[],
-                         header_params={"Content-Type": "application/json"}, body=body)
-    Signer(BasicCredentials(credentials["ak"], credentials["sk"])).sign(request)
-    # The proxy connects with its own Host and passes the client's on in X-Forwarded-Host.
-    headers = {k: v for k, v in request.header_params.items() if k.lower() != "host"}
-    url = server.url(f"/v2/{credentials['project_id']}/image/tagging")
-    forwarded = requests.post(url, data=body, headers={**headers, "X-Forwarded-Host": "tagging.example.com"}, timeout=60)
-    assert forwarded.status_code == 200, forwarded.text
-    direct = requests.post(url, data=body, headers=headers, timeout=60)
-    assert direct.json()["error_code"] == "APIG.0301"
-
-
 def test_locustfile_runs_headless_against_the_server(embedded, tmp_path):
     server, credentials, _ = embedded
     (tmp_path / "dev.json").write_text(json.dumps(credentials))
@@ -126,3 +100,31 @@ def test_locustfile_runs_headless_against_the_server(embedded, tmp_path):
     total = rows["Aggregated"]
     assert int(total["Request Count"]) >= 4 and int(total["Failure Count"]) == 0
     assert any(name.startswith("token ") for name in rows) and any(name.startswith("aksk ") for name in rows)
+
+
+def test_redis_holds_both_when_its_url_is_given(tmp_path, redis_server):
+    async def main() -> None:
+        embedded = build_backends(Settings(data_dir=tmp_path, redis_url=None))
+        shared = build_backends(Settings(data_dir=tmp_path, redis_url=redis_server.url, master_key="m" * 32))
+        try:
+            assert isinstance(embedded.store, SqliteIdentityStore) and embedded.redis is None
+            assert isinstance(embedded.limiter, LocalRateLimiter)
+            assert isinstance(shared.store, RedisIdentityStore) and isinstance(shared.limiter, RedisRateLimiter)
+            assert await shared.redis.ping()
+        finally:
+            await embedded.close()
+            await shared.close()
+
+    asyncio.run(main())
+
+
+def test_embedded_master_key_is_made_once_and_private(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data", redis_url=None)
+    key = master_key_for(settings)
+    assert master_key_for(settings) == key
+    assert oct((tmp_path / "data" / "master.key").stat().st_mode & 0o777) == "0o600"
+
+
+def test_shared_store_needs_an_explicit_master_key(tmp_path):
+    with pytest.raises(ConfigurationError, match="IMAGETAG_MASTER_KEY"):
+        build_backends(Settings(data_dir=tmp_path, redis_url="redis://127.0.0.1:1/0"))
