@@ -91,7 +91,8 @@ def test_the_authenticator_gets_the_request_as_sent():
 
 @pytest.mark.parametrize(
     "body, message",
-    [(b"{", "not valid JSON"), (b"\xff", "not valid JSON"), (b"[]", "must be a JSON object"), (b"null", "must be a JSON object")],
+    [(b"{", "not valid JSON"), (b"\xff", "not valid JSON"),
+     (b"[]", "must be a JSON object"), (b"null", "must be a JSON object")],
 )
 def test_only_a_json_object_is_a_body(body, message):
     with pytest.raises(InvalidJson, match=message):

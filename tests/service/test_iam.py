@@ -49,12 +49,14 @@ def run(tmp_path, test, login_per_minute: float = 100):
         acme, other = await store.create_domain("acme"), await store.create_domain("other")
         await store.create_user(acme.id, "alice", "alice-password")
         await store.create_user(other.id, "bob", "bob-password")
-        north, east = await store.create_project(acme.id, "cn-north-4"), await store.create_project(acme.id, "cn-east-3")
+        north = await store.create_project(acme.id, "cn-north-4")
+        east = await store.create_project(acme.id, "cn-east-3")
         elsewhere = await store.create_project(other.id, "cn-north-4")
         gate = Gate(LocalRateLimiter(), Limits(rate_per_s=10, burst=10, max_concurrent_per_project=1,
                                                login_per_minute=login_per_minute))
         try:
-            return await test(Accounts(IamService(store, gate, timedelta(hours=2)), store, acme, north, east, elsewhere))
+            iam = IamService(store, gate, timedelta(hours=2))
+            return await test(Accounts(iam, store, acme, north, east, elsewhere))
         finally:
             await store.close()
 
