@@ -1,7 +1,8 @@
-"""The application around the built parts: background loading, the error handlers and the request id.
+"""The application around the built parts: the error handlers and the request id.
 
 The real app from `create_app`, over ASGI with its lifespan running; models replaced by fakes. A
-few routes are added here to raise what no real route raises on demand.
+few routes are added here to raise what no real route raises on demand. The lifespan's loading in
+the background shows in `routes/test_health.py`.
 """
 
 from __future__ import annotations
@@ -19,22 +20,6 @@ from tests.service.fakes import FakeInference, build_app, serving
 TAGGING = "/v2/0123456789abcdef0123456789abcdef/image/tagging"
 
 
-class SlowToLoad(FakeInference):
-    """Not ready until `loaded` is set; notes when it is closed."""
-
-    def __init__(self) -> None:
-        super().__init__(ready=False)
-        self.loaded = asyncio.Event()
-        self.closed = False
-
-    async def start(self) -> None:
-        await self.loaded.wait()
-        self.ready = True
-
-    async def close(self) -> None:
-        self.closed = True
-
-
 class Broken(FakeInference):
     async def tag(self, images, deadline=None):
         raise RuntimeError("a bug")
@@ -47,22 +32,20 @@ def assert_envelope(response: httpx.Response, status: int, code: str) -> dict:
     return body
 
 
-def test_healthz_answers_while_the_models_load_and_readyz_once_they_have(tmp_path):
-    inference = SlowToLoad()
+def test_leaving_the_lifespan_closes_the_inference_client(tmp_path):
+    closed = []
+
+    class Closing(FakeInference):
+        async def close(self) -> None:
+            closed.append(True)
 
     async def main() -> None:
-        async with serving(build_app(tmp_path, inference)) as client:
-            assert (await client.get("/healthz")).json() == {"status": "ok"}
-            loading = await client.get("/readyz")
-            assert (loading.status_code, loading.json()) == (503, {"status": "loading"})
-            assert loading.headers["Retry-After"] == "5"
-            inference.loaded.set()
-            async with asyncio.timeout(5):
-                while (await client.get("/readyz")).status_code != 200:
-                    await asyncio.sleep(0.01)
-        assert inference.closed
+        async with serving(build_app(tmp_path, Closing())) as client:
+            assert (await client.get("/readyz")).status_code == 200
+            assert closed == []
 
     asyncio.run(main())
+    assert closed == [True]
 
 
 def test_every_response_has_a_request_id_of_its_own(tmp_path):
