@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -13,15 +12,6 @@ from tests.conftest import PHOTOS, SHARED_WEIGHTS, ultralytics_asset
 
 def rgb(path: Path) -> Image.Image:
     return Image.open(path).convert("RGB")
-
-
-def test_classifier_is_confident_on_a_cat(engine):
-    probabilities = engine.classifier.predict([rgb(PHOTOS / "cat_chelsea.jpg")])[0]
-    top = int(np.argmax(probabilities))
-    assert "cat" in engine.vocabulary.ancestors[engine.vocabulary.imagenet[top]]
-    assert probabilities[top] > 0.4
-    cat_classes = [i for i, key in enumerate(engine.vocabulary.imagenet) if "cat" in engine.vocabulary.ancestors[key]]
-    assert probabilities[cat_classes].sum() > 0.7
 
 
 def test_bus_photo_has_a_bus_and_four_people(engine):

@@ -2,8 +2,8 @@
 
 For the logic that needs no models (credentials, limits, error envelopes, IAM): the app is built
 by the same `build_components` and `create_app` as `imagetag serve` and served by uvicorn on a
-loopback port, with real stores, real rate limiters and, where a test asks for it, a real Redis;
-only the models are replaced, so it starts in milliseconds.
+loopback port (or called over ASGI, with `serving`), with real stores, real rate limiters and,
+where a test asks for it, a real Redis; only the models are replaced, so it starts in milliseconds.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
+import httpx
 import uvicorn
+from fastapi import FastAPI
 from PIL import Image
 
 from inference.client import TagResult
@@ -60,6 +62,20 @@ class InProcessServer:
 
     def url(self, path: str) -> str:
         return self.base_url + path
+
+
+def build_app(data_dir: Path, inference: FakeInference | None = None, **settings: object) -> FastAPI:
+    """The app as `imagetag serve` builds it, around `inference`; settings as keyword arguments."""
+    defaults: dict[str, object] = {"auth_mode": "none", "data_dir": data_dir, "redis_url": None}
+    return create_app(build_components(Settings(**(defaults | settings)), inference=inference or FakeInference()))
+
+
+@asynccontextmanager
+async def serving(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of `app` with its lifespan running; over ASGI, no sockets."""
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            yield client
 
 
 @contextmanager

@@ -5,13 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import pytest
-
 from inference.batching import BatchingInference
 from inference.remote import RemoteInference
 from service.assembly import build_components
-from service.backends import build_backends, master_key_for
-from service.settings import ConfigurationError, Settings
+from service.settings import Settings
 from tests.service.fakes import FakeInference
 
 
@@ -49,15 +46,3 @@ def test_auth_mode_none_warns_and_builds_no_authenticator(tmp_path, caplog):
         assert "IMAGETAG_AUTH_MODE=none" in caplog.text
     finally:
         close(components)
-
-
-def test_embedded_master_key_is_made_once_and_private(tmp_path):
-    settings = Settings(data_dir=tmp_path / "data", redis_url=None)
-    key = master_key_for(settings)
-    assert master_key_for(settings) == key
-    assert oct((tmp_path / "data" / "master.key").stat().st_mode & 0o777) == "0o600"
-
-
-def test_shared_store_needs_an_explicit_master_key(tmp_path):
-    with pytest.raises(ConfigurationError, match="IMAGETAG_MASTER_KEY"):
-        build_backends(Settings(data_dir=tmp_path, redis_url="redis://127.0.0.1:1/0"))

@@ -121,12 +121,6 @@ def test_unknown_path_or_method(server, method, path):
     assert_error(requests.request(method, server.url(path), timeout=10), 404, "APIG.0101")
 
 
-def test_sdk_without_project_id_is_told_so(server):
-    response = post(server, {"image": PNG}, path="/v2/%7Bproject_id%7D/image/tagging")
-    assert_error(response, 400, "AIS.0501")
-    assert "project id" in response.json()["error_msg"]
-
-
 def test_bad_requests_do_not_harm_the_next_one(server):
     for body, *_ in BAD_BODIES.values():
         post(server, body)

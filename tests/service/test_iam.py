@@ -1,128 +1,164 @@
-"""The single-process default: IAM on the embedded SQLite store, limits held in process.
-
-Follows the README's quick start: `imagetag admin dev-credentials --json`, then the gateway on the
-same data folder (the real app, models replaced by a fake client that takes its time, so that
-requests overlap), then authenticated calls. `tests/test_wheel.py` runs the same with real models.
-"""
+"""The IAM use cases on a real (SQLite) store and real login limits: password login, revocation,
+project discovery. The wire and the clients' own flows run end to end in `routes/test_iam.py`."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlparse
+import asyncio
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import pytest
-import requests
-from huaweicloudsdkcore.auth.credentials import BasicCredentials
-from huaweicloudsdkcore.sdk_request import SdkRequest
-from huaweicloudsdkcore.signer.signer import Signer
 
-from service.settings import Settings
-from tests.conftest import REPO, photo_base64
-from tests.service.fakes import FakeInference, gateway
+from service.auth.authenticator import Principal
+from service.errors import InvalidCredentials, ProjectForbidden, RateLimited
+from service.gate import Gate, Limits
+from service.iam import IamService, iam_time
+from service.identity import Domain, Project, SqliteIdentityStore
+from service.protocol.iam import TokenRequest
+from service.ratelimit import LocalRateLimiter
 
-CAT = photo_base64("cat_chelsea.jpg")
-
-
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("embedded")
-    env = {
-        "IMAGETAG_DATA_DIR": str(directory / "data"),
-        "IMAGETAG_MAX_CONCURRENT_PER_PROJECT": "2",
-        "IMAGETAG_TRUSTED_PROXIES": "127.0.0.1/32",
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "admin", "dev-credentials", "--json"],
-        env={**os.environ, **env}, capture_output=True, text=True, timeout=60, cwd=REPO, check=True,
-    )
-    credentials = json.loads(result.stdout)
-    # IMAGETAG_AUTH_MODE is left to its default, which must be iam.
-    with gateway(directory / "data", FakeInference(delay_s=0.3), auth_mode=Settings.model_fields["auth_mode"].default,
-                 max_concurrent_per_project=2, trusted_proxies=["127.0.0.1/32"]) as server:
-        yield server, credentials, directory
+BASE_URL = "https://tagging.example.com"
 
 
-def test_dev_credentials_are_complete_and_reused(embedded):
-    server, credentials, directory = embedded
-    assert set(credentials) == {"domain", "user", "password", "project_id", "project_name", "ak", "sk"}
-    again = subprocess.run(
-        [sys.executable, "-m", "service.cli", "admin", "dev-credentials", "--json"],
-        env={**os.environ, "IMAGETAG_DATA_DIR": str(directory / "data")},
-        capture_output=True, text=True, timeout=60, cwd=REPO, check=True,
-    )
-    assert json.loads(again.stdout) == credentials
-    assert oct((directory / "data" / "dev-credentials.json").stat().st_mode & 0o777) == "0o600"
+@dataclass
+class Accounts:
+    iam: IamService
+    store: SqliteIdentityStore
+    acme: Domain
+    north: Project
+    east: Project
+    other: Project
 
 
-def test_quick_start_token_then_tag(embedded):
-    server, credentials, _ = embedded
-    login = {"auth": {
+def login_request(user: str = "alice", password: str = "alice-password", *, domain: dict | None = None,
+                  project: dict | None = None) -> TokenRequest:
+    return TokenRequest.parse({"auth": {
         "identity": {"methods": ["password"], "password": {"user": {
-            "domain": {"name": credentials["domain"]}, "name": credentials["user"],
-            "password": credentials["password"]}}},
-        "scope": {"project": {"name": credentials["project_name"]}}}}
-    response = requests.post(server.url("/v3/auth/tokens"), json=login, timeout=30)
-    assert response.status_code == 201, response.text
-    tagged = requests.post(server.url("/v1.0/image/tagging"), json={"image": CAT},
-                           headers={"X-Auth-Token": response.headers["X-Subject-Token"]}, timeout=60)
-    assert tagged.status_code == 200
-    assert "猫" in [t["tag"] for t in tagged.json()["result"]["tags"]]
-    anonymous = requests.post(server.url("/v1.0/image/tagging"), json={"image": CAT}, timeout=60)
-    assert anonymous.json()["error_code"] == "ModelArts.4101"
+            "domain": domain or {"name": "acme"}, "name": user, "password": password}}},
+        "scope": {"project": project or {"name": "cn-north-4"}}}})
 
 
-def test_concurrency_cap_per_project(embedded):
-    server, credentials, _ = embedded
-    body = json.dumps({"image": CAT}).encode()
-
-    def call(_):
-        request = SdkRequest(method="POST", schema="http", host=urlparse(server.base_url).netloc,
-                             resource_path=f"/v2/{credentials['project_id']}/image/tagging", query_params=[],
-                             header_params={"Content-Type": "application/json"}, body=body)
-        Signer(BasicCredentials(credentials["ak"], credentials["sk"])).sign(request)
-        return requests.post(request.url, data=body, headers=request.header_params, timeout=60)
-
-    with ThreadPoolExecutor(8) as pool:
-        responses = list(pool.map(call, range(8)))
-    statuses = [r.status_code for r in responses]
-    assert statuses.count(200) >= 2
-    assert statuses.count(429) >= 1, statuses
-    refused = next(r for r in responses if r.status_code == 429)
-    assert refused.json()["error_code"] == "APIG.0308" and refused.headers["Retry-After"] == "1"
+async def login(iam: IamService, request: TokenRequest, client_host: str | None = "192.0.2.1", **kwargs):
+    return await iam.login(request, client_host=client_host, with_catalog=kwargs.get("with_catalog", True),
+                           base_url=BASE_URL)
 
 
-def test_signature_through_a_trusted_proxy_uses_the_original_host(embedded):
-    server, credentials, _ = embedded
-    body = json.dumps({"image": CAT, "limit": 1}).encode()
-    request = SdkRequest(method="POST", schema="https", host="tagging.example.com",
-                         resource_path=f"/v2/{credentials['project_id']}/image/tagging", query_params=[],
-                         header_params={"Content-Type": "application/json"}, body=body)
-    Signer(BasicCredentials(credentials["ak"], credentials["sk"])).sign(request)
-    # The proxy connects with its own Host and passes the client's on in X-Forwarded-Host.
-    headers = {k: v for k, v in request.header_params.items() if k.lower() != "host"}
-    url = server.url(f"/v2/{credentials['project_id']}/image/tagging")
-    forwarded = requests.post(url, data=body, headers={**headers, "X-Forwarded-Host": "tagging.example.com"}, timeout=60)
-    assert forwarded.status_code == 200, forwarded.text
-    direct = requests.post(url, data=body, headers=headers, timeout=60)
-    assert direct.json()["error_code"] == "APIG.0301"
+def run(tmp_path, test, login_per_minute: float = 100):
+    async def main():
+        store = SqliteIdentityStore(tmp_path / "identity.sqlite3", "m" * 32)
+        acme, other = await store.create_domain("acme"), await store.create_domain("other")
+        await store.create_user(acme.id, "alice", "alice-password")
+        await store.create_user(other.id, "bob", "bob-password")
+        north = await store.create_project(acme.id, "cn-north-4")
+        east = await store.create_project(acme.id, "cn-east-3")
+        elsewhere = await store.create_project(other.id, "cn-north-4")
+        gate = Gate(LocalRateLimiter(), Limits(rate_per_s=10, burst=10, max_concurrent_per_project=1,
+                                               login_per_minute=login_per_minute))
+        try:
+            iam = IamService(store, gate, timedelta(hours=2))
+            return await test(Accounts(iam, store, acme, north, east, elsewhere))
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
 
 
-def test_locustfile_runs_headless_against_the_server(embedded, tmp_path):
-    server, credentials, _ = embedded
-    (tmp_path / "dev.json").write_text(json.dumps(credentials))
-    locust = [sys.executable, "-m", "locust", "-f", str(REPO / "load-tests" / "locustfile.py"), "--headless",
-              "-u", "2", "-r", "2", "-t", "6s", "--host", server.base_url, "--credentials", str(tmp_path / "dev.json"),
-              "--only-summary", "--csv", str(tmp_path / "run")]
-    result = subprocess.run(locust, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    import csv
+def test_a_login_gets_a_token_for_the_project_named_or_identified(tmp_path):
+    async def test(a: Accounts) -> None:
+        token, response = await login(a.iam, login_request())
+        record = await a.store.validate_token(token)
+        assert record.project_id == a.north.id == response.token.project.id
+        assert response.token.user.name == "alice" and response.token.project.domain.id == a.acme.id
+        assert record.expires_at - record.issued_at == timedelta(hours=2)
+        assert response.token.expires_at == iam_time(record.expires_at)
+        by_ids = await login(a.iam, login_request(domain={"id": a.acme.id}, project={"id": a.east.id}))
+        assert by_ids[1].token.project.name == "cn-east-3"
 
-    with (tmp_path / "run_stats.csv").open() as handle:
-        rows = {row["Name"]: row for row in csv.DictReader(handle)}
-    total = rows["Aggregated"]
-    assert int(total["Request Count"]) >= 4 and int(total["Failure Count"]) == 0
-    assert any(name.startswith("token ") for name in rows) and any(name.startswith("aksk ") for name in rows)
+    run(tmp_path, test)
+
+
+def test_the_catalog_points_clients_back_here_unless_refused(tmp_path):
+    async def test(a: Accounts) -> None:
+        _, response = await login(a.iam, login_request(project={"name": "cn-east-3"}))
+        (entry,) = response.token.catalog
+        (endpoint,) = entry.endpoints
+        assert (entry.type, endpoint.url, endpoint.region) == ("image", BASE_URL, "cn-east-3")
+        _, again = await login(a.iam, login_request())
+        assert again.token.catalog[0].endpoints[0].id == endpoint.id  # stable per base URL
+        assert (await login(a.iam, login_request(), with_catalog=False))[1].token.catalog is None
+
+    run(tmp_path, test)
+
+
+@pytest.mark.parametrize("request_args", [
+    {"password": "wrong"},
+    {"user": "mallory"},
+    {"domain": {"name": "nobody"}},
+    {"domain": {"id": "f" * 32}},
+], ids=["wrong password", "unknown user", "unknown account", "unknown account id"])
+def test_a_wrong_account_user_or_password_says_only_that(tmp_path, request_args):
+    async def test(a: Accounts) -> None:
+        with pytest.raises(InvalidCredentials, match="the account, user name or password is wrong"):
+            await login(a.iam, login_request(**request_args))
+
+    run(tmp_path, test)
+
+
+@pytest.mark.parametrize("project", ["another account's", "unknown name", "unknown id"])
+def test_a_login_is_for_a_project_of_the_users_own_account(tmp_path, project):
+    async def test(a: Accounts) -> None:
+        scope = {"another account's": {"id": a.other.id}, "unknown name": {"name": "eu-west-0"},
+                 "unknown id": {"id": "f" * 32}}[project]
+        with pytest.raises(ProjectForbidden, match="account acme has no project"):
+            await login(a.iam, login_request(project=scope))
+
+    run(tmp_path, test)
+
+
+def test_password_attempts_are_counted_before_the_password_is_checked(tmp_path):
+    async def test(a: Accounts) -> None:
+        for _ in range(2):
+            with pytest.raises(InvalidCredentials):
+                await login(a.iam, login_request(password="wrong"), client_host=None)
+        with pytest.raises(RateLimited):
+            await login(a.iam, login_request(), client_host=None)
+        unknown = login_request(domain={"name": "nobody"})  # limited alike, so probing them is slow too
+        for _ in range(2):
+            with pytest.raises(InvalidCredentials):
+                await login(a.iam, unknown, client_host=None)
+        with pytest.raises(RateLimited):
+            await login(a.iam, unknown, client_host=None)
+
+    run(tmp_path, test, login_per_minute=2)
+
+
+def test_a_token_is_revoked_only_by_its_own_account(tmp_path):
+    async def test(a: Accounts) -> None:
+        token, _ = await login(a.iam, login_request())
+        bob = await a.store.find_user(a.other.domain_id, "bob")
+        outsider = Principal(bob.id, a.other.domain_id, None, None, "token")
+        with pytest.raises(InvalidCredentials, match="not a valid token of this account"):
+            await a.iam.revoke(outsider, token)
+        assert await a.store.validate_token(token) is not None
+        record = await a.store.validate_token(token)
+        await a.iam.revoke(Principal(record.user_id, a.acme.id, None, None, "token"), token)
+        assert await a.store.validate_token(token) is None
+        with pytest.raises(InvalidCredentials):
+            await a.iam.revoke(Principal(record.user_id, a.acme.id, None, None, "token"), token)
+
+    run(tmp_path, test)
+
+
+def test_projects_are_the_callers_own_optionally_by_name(tmp_path):
+    async def test(a: Accounts) -> None:
+        caller = Principal("u" * 32, a.acme.id, None, None, "aksk")
+        assert {p.name for p in (await a.iam.projects(caller, None)).projects} == {"cn-north-4", "cn-east-3"}
+        (north,) = (await a.iam.projects(caller, "cn-north-4")).projects
+        assert (north.id, north.domain_id) == (a.north.id, a.acme.id)
+        assert (await a.iam.projects(caller, "eu-west-0")).projects == []
+
+    run(tmp_path, test)
+
+
+def test_iam_times_have_microseconds_and_a_z():
+    assert iam_time(datetime(2024, 1, 2, 3, 4, 5, 60, tzinfo=UTC)) == "2024-01-02T03:04:05.000060Z"

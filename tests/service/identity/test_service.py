@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import fields
@@ -348,25 +347,3 @@ async def test_concurrent_writers_do_not_lose_or_clash(backend: Backend) -> None
     results = await asyncio.gather(first.create_domain("same"), second.create_domain("same"),
                                    return_exceptions=True)
     assert sorted(type(r).__name__ for r in results) == ["Domain", "IdentityConflict"]
-
-
-@pytest.mark.parametrize("backend", ["redis"], indirect=True)
-async def test_redis_token_keys_expire_with_the_token(backend: Backend, store: IdentityStore) -> None:
-    user_id, project_id = await _alice_in_north(store)
-    _, record = await store.issue_token(user_id, project_id, ttl=timedelta(minutes=10))
-    client = aioredis.Redis.from_url(backend.redis_url)
-    ttl_ms = await client.pttl(f"{backend.prefix}token:{record.id}")
-    await client.aclose()
-    assert 590_000 < ttl_ms <= 600_000
-
-
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
-async def test_sqlite_uses_wal_and_sweeps_expired_tokens(backend: Backend, store: IdentityStore) -> None:
-    user_id, project_id = await _alice_in_north(store)
-    await store.issue_token(user_id, project_id, ttl=timedelta(milliseconds=100))
-    await asyncio.sleep(0.2)
-    await store.issue_token(user_id, project_id)
-    with sqlite3.connect(backend.path) as db:
-        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert db.execute("SELECT count(*) FROM tokens").fetchone() == (1,)
-    db.close()

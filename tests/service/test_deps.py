@@ -1,0 +1,100 @@
+"""The route dependencies: the body under its cap, the project in the path, the request handed to
+the authenticator, and admission keyed by project. The real app over ASGI, models replaced."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from starlette.requests import Request
+
+from service.deps import incoming, json_object
+from service.errors import InvalidJson
+from tests.conftest import photo_base64
+from tests.service.fakes import build_app, serving
+
+PROJECT = "0123456789abcdef0123456789abcdef"
+CAT = photo_base64("cat_chelsea.jpg")
+
+
+def post_all(app, requests: list[tuple[str, dict]]) -> list[httpx.Response]:
+    async def main() -> list[httpx.Response]:
+        async with serving(app) as client:
+            return [await client.post(path, **kwargs) for path, kwargs in requests]
+
+    return asyncio.run(main())
+
+
+async def chunks(size: int, count: int) -> AsyncIterator[bytes]:
+    for _ in range(count):
+        yield b" " * size
+
+
+def test_a_body_over_the_cap_is_refused_whether_declared_or_streamed(tmp_path):
+    limit = 1000
+    declared = httpx.Headers({"Content-Length": str(limit + 1)})
+    at_the_cap, declared_over, streamed_over = post_all(build_app(tmp_path, max_body_bytes=limit), [
+        ("/v1.0/image/tagging", {"content": b"[" + b" " * (limit - 2) + b"]"}),
+        ("/v1.0/image/tagging", {"content": b" " * (limit + 1), "headers": declared}),
+        # No Content-Length: the body is counted as it arrives.
+        ("/v1.0/image/tagging", {"content": chunks(100, 11)}),
+    ])
+    assert at_the_cap.json()["error_code"] == "AIS.0014"  # read whole, then judged as JSON
+    for response in (declared_over, streamed_over):
+        assert (response.status_code, response.json()["error_code"]) == (413, "APIG.0201")
+
+
+def test_sdk_without_project_id_is_told_so(tmp_path):
+    (response,) = post_all(build_app(tmp_path), [("/v2/%7Bproject_id%7D/image/tagging", {"json": {"image": CAT}})])
+    assert (response.status_code, response.json()["error_code"]) == (400, "AIS.0501")
+    assert "project id" in response.json()["error_msg"]
+
+
+@pytest.mark.parametrize("project_id", ["not.a.project", "x" * 65, "%C3%A9t%C3%A9"])
+def test_a_path_project_id_must_look_like_one(tmp_path, project_id):
+    (refused,) = post_all(build_app(tmp_path), [(f"/v2/{project_id}/image/tagging", {"json": {"image": CAT}})])
+    assert (refused.status_code, refused.json()["error_code"]) == (400, "AIS.0501")
+    assert "is not a valid project id" in refused.json()["error_msg"]
+
+
+def test_admission_is_per_path_project_and_anonymous_without_one(tmp_path):
+    app = build_app(tmp_path, rate_limit_per_s=0.001, rate_limit_burst=1)
+    body = {"json": {"image": CAT}}
+    first, again, other, anonymous, anonymous_again = post_all(app, [
+        (f"/v2/{PROJECT}/image/tagging", body),
+        (f"/v2/{PROJECT}/image/tagging", body),
+        (f"/v2/{'f' * 32}/image/tagging", body),
+        ("/v1.0/image/tagging", body),
+        ("/v2.0/image/tagging", body),
+    ])
+    assert first.status_code == 200 and first.headers["X-RateLimit-Limit"] == "1"
+    assert first.headers["X-RateLimit-Remaining"] == "0"
+    assert again.status_code == 429
+    assert other.status_code == 200 and anonymous.status_code == 200
+    assert anonymous_again.status_code == 429
+
+
+def test_the_authenticator_gets_the_request_as_sent():
+    request = Request({
+        "type": "http", "method": "POST", "path": "/v2/p/a b", "raw_path": b"/v2/p/a%20b", "query_string": b"b=2&a=1",
+        "headers": [(b"host", b"example.com"), (b"x-twice", b"first"), (b"x-twice", b"second")],
+        "client": ("192.0.2.7", 40000),
+    })
+    seen = incoming(request, b"{}")
+    assert (seen.method, seen.raw_path, seen.query, seen.body) == ("POST", "/v2/p/a%20b", "b=2&a=1", b"{}")
+    assert seen.headers == {"host": "example.com", "x-twice": "first"}
+    assert seen.client_host == "192.0.2.7"
+    assert incoming(Request({**request.scope, "client": None}), b"").client_host is None
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [(b"{", "not valid JSON"), (b"\xff", "not valid JSON"),
+     (b"[]", "must be a JSON object"), (b"null", "must be a JSON object")],
+)
+def test_only_a_json_object_is_a_body(body, message):
+    with pytest.raises(InvalidJson, match=message):
+        json_object(body)
+    assert json_object(b'{"image": "x"}') == {"image": "x"}
