@@ -19,9 +19,9 @@ through ultralytics as `inference/detector.py` sets them up.
 from __future__ import annotations
 
 import copy
+import io
 import logging
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -122,18 +122,13 @@ class DevicePipeline:
     def warm_up(self) -> None:
         """Runs every bucket once, so no request pays for a first-time shape (cuDNN's algorithm
         search, lazy kernels) or for nvJPEG's setup."""
-        grey = Image.new("RGB", (64, 48), (127, 127, 127))
-        for size in self.buckets if self.pad_to_buckets else (1,):
-            pixels = [torch.from_numpy(np.array(grey)).permute(2, 0, 1).to(self.device)] * size
-            self._run_batch(pixels)
-        self._decode_warm_up(grey)
-
-    def _decode_warm_up(self, grey: Image.Image) -> None:
-        import io
-
+        # Larger than the letterbox, so the resize kernels load now too, not on the first photo.
+        grey = Image.new("RGB", (self.letterbox_size + 160, self.letterbox_size), (127, 127, 127))
         encoded = io.BytesIO()
         grey.save(encoded, "JPEG")
-        decode_images([encoded.getvalue()], self.device)
+        (pixels,) = decode_images([encoded.getvalue()], self.device)
+        for size in self.buckets if self.pad_to_buckets else (1,):
+            self._run_batch([pixels] * size)
 
     def predict(self, datas: list[bytes]) -> list[TagResult]:
         """One result per image, in order; batches longer than the largest bucket run in parts."""
@@ -195,9 +190,11 @@ class DevicePipeline:
             letterboxed = torch.full((bucket, 3, size, size), LETTERBOX_GREY, dtype=torch.uint8, device=self.device)
             placements = [letterbox_into(canvas, image) for canvas, image in zip(letterboxed, pixels)]
             for network in networks:
-                detections = [d.cpu() for d in network.detections(letterboxed)[: len(pixels)]]
-                for boxes, rows, placement in zip(found, detections, placements):
-                    boxes.extend(_boxes(rows, placement, network.names))
+                per_image = network.detections(letterboxed)[: len(pixels)]
+                # One transfer for the whole batch: a copy per image would wait on the device each time.
+                rows = torch.cat(per_image).cpu().split([len(d) for d in per_image])
+                for boxes, image_rows, placement in zip(found, rows, placements):
+                    boxes.extend(_boxes(image_rows, placement, network.names))
         others = [d for d in self.detectors if isinstance(d, Detector)]
         if others:
             images = [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in pixels]
