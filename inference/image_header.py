@@ -18,6 +18,9 @@ _SIGNATURES = {
     b"BM": "BMP",
 }
 _EXIF_ORIENTATION = 0x0112
+# Once ultralytics is imported, its patched `Image.open` answers an unidentifiable image by
+# importing the HEIF plugin, which raises ImportError where pi-heif is not installed.
+_UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, ImportError)
 
 
 class UnreadableImage(ValueError):
@@ -63,7 +66,7 @@ def read_header(data: bytes) -> ImageHeader:
             return ImageHeader(image_format, width, height, image.mode, orientation if 1 <= orientation <= 8 else 1)
     except Image.DecompressionBombError:
         raise ImageOutOfBounds("the image declares far more pixels than PIL's safety limit") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except _UNREADABLE:
         raise UnreadableImage(f"the {image_format} header cannot be read") from None
 
 
@@ -82,7 +85,7 @@ def decode_with_pil(data: bytes) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=[image_format])
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+    except _UNREADABLE:
         raise UnreadableImage(f"the {image_format} image is truncated or corrupt") from None
     try:
         image = ImageOps.exif_transpose(image)
