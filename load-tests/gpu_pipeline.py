@@ -40,25 +40,40 @@ def photo_bytes(limit: int) -> list[bytes]:
     return [path.read_bytes() for path in paths[:limit]]
 
 
-def measure(run: Callable[[int], None], batch_size: int, seconds: float, min_batches: int, device: torch.device) -> dict[str, float]:
-    """Images/s of `run(batch_index)` after one warm-up batch; on CUDA, synchronised and with the peak memory."""
-    run(0)
+def measure(
+    stages: list[tuple[str, Callable[[int], None]]], batch_size: int, seconds: float, min_batches: int, device: torch.device
+) -> list[dict[str, float]]:
+    """Images/s of each stage's `run(batch_index)`, after one warm-up batch each. The stages take
+    turns batch by batch, so a machine whose load drifts (shared cores) weighs on all alike. On
+    CUDA every batch is synchronised, and the peak memory is that of the stage's own batches."""
     cuda = device.type == "cuda"
+    for _, run in stages:
+        run(0)
     if cuda:
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    timings: list[float] = []
+    timings: list[list[float]] = [[] for _ in stages]
+    peaks = [0.0 for _ in stages]
     started = time.perf_counter()
-    while len(timings) < min_batches or time.perf_counter() - started < seconds:
-        begin = time.perf_counter()
-        run(len(timings) + 1)
+    while len(timings[0]) < min_batches or time.perf_counter() - started < seconds * len(stages):
+        for index, (_, run) in enumerate(stages):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            begin = time.perf_counter()
+            run(len(timings[index]) + 1)
+            if cuda:
+                torch.cuda.synchronize(device)
+                peaks[index] = max(peaks[index], torch.cuda.max_memory_allocated(device) / 2**20)
+            timings[index].append(time.perf_counter() - begin)
+    results = []
+    for stage_timings, peak in zip(timings, peaks):
+        result = {
+            "images_per_s": batch_size * len(stage_timings) / sum(stage_timings),
+            "median_batch_ms": 1000 * statistics.median(stage_timings),
+        }
         if cuda:
-            torch.cuda.synchronize(device)
-        timings.append(time.perf_counter() - begin)
-    result = {"images_per_s": batch_size * len(timings) / sum(timings), "median_batch_ms": 1000 * statistics.median(timings)}
-    if cuda:
-        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return result
+            result["peak_gpu_mb"] = peak
+        results.append(result)
+    return results
 
 
 def main() -> int:
@@ -66,12 +81,14 @@ def main() -> int:
     parser.add_argument("--weights", type=Path, required=True, help="detector weights (.pt runs its network directly)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-sizes", default="1,8,32,64,128")
-    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement, after one warm-up batch")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per stage and batch size, after one warm-up batch")
     parser.add_argument("--min-batches", type=int, default=3)
     parser.add_argument("--photos", type=int, default=400, help="at most this many photos, cycled")
     parser.add_argument("--classifier-runtime", default="auto")
     parser.add_argument("--detector-runtime", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch/OpenVINO threads on a CPU")
+    parser.add_argument("--square-letterbox", action="store_true",
+                        help="exported detectors (and the reference engine) pad to the square input, as the network path always does")
     parser.add_argument("--skip-reference", action="store_true", help="leave out PIL + TaggingEngine.predict")
     args = parser.parse_args()
 
@@ -85,7 +102,7 @@ def main() -> int:
         torch_threads=args.threads,
         classifier_runtime=args.classifier_runtime,
         detector_runtime=args.detector_runtime,
-        detector_square_letterbox=True,
+        detector_square_letterbox=args.square_letterbox,
     )
     started = time.perf_counter()
     engine = TaggingEngine.build(config)
@@ -117,13 +134,15 @@ def main() -> int:
                 else:  # an exported detector takes PIL images through ultralytics' own preprocessing
                     pipeline.detect(decoded)
 
-        rows.append(("models alone", size, measure(models_alone, size, args.seconds, args.min_batches, device)))
-        rows.append(("pipeline from bytes", size, measure(lambda i: pipeline.predict(batch(i, size)), size, args.seconds, args.min_batches, device)))
+        stages: list[tuple[str, Callable[[int], None]]] = [
+            ("models alone", models_alone),
+            ("pipeline from bytes", lambda i: pipeline.predict(batch(i, size))),
+        ]
         if not args.skip_reference:
-            rows.append(("reference: PIL + engine", size, measure(
-                lambda i: engine.predict([decode_with_pil(data) for data in batch(i, size)]), size, args.seconds, args.min_batches, device
-            )))
-        print_row(*rows[-1])
+            stages.append(("reference: PIL + engine", lambda i: engine.predict([decode_with_pil(data) for data in batch(i, size)])))
+        for (stage, _), result in zip(stages, measure(stages, size, args.seconds, args.min_batches, device)):
+            rows.append((stage, size, result))
+            print_row(*rows[-1])
 
     print()
     print("| stage | batch | images/s | median ms per batch | peak GPU MB |")
