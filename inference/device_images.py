@@ -12,7 +12,14 @@ import torch
 import torchvision.transforms.v2.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from inference.image_header import ImageHeader, UnreadableImage, decode_with_pil, read_header
+from inference.image_header import (
+    ImageHeader,
+    ImageRejected,
+    UnreadableImage,
+    check_side_limits,
+    decode_with_pil,
+    read_header,
+)
 
 # Ultralytics' own letterbox colour, as inference/detector.py pads.
 LETTERBOX_GREY = 114
@@ -30,19 +37,26 @@ def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[tor
         return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
 
 
-def decode_images(datas: list[bytes], device: torch.device) -> list[torch.Tensor | UnreadableImage]:
-    """Per image: upright (3, H, W) uint8 RGB pixels on `device`, or why it cannot be decoded.
+def decode_images(
+    datas: list[bytes], device: torch.device, side_limits: tuple[int, int] | None = None
+) -> list[torch.Tensor | ImageRejected]:
+    """Per image: upright (3, H, W) uint8 RGB pixels on `device`, or why it was not decoded.
 
-    JPEGs are decoded together in one call; if that call fails (it returns nothing then), each
-    is tried alone, and one the device decoder still refuses goes to PIL before it is given up."""
-    headers: list[ImageHeader | UnreadableImage] = []
+    `side_limits` (shortest side at least, longest at most), checked on the header before any
+    pixel is decoded. JPEGs are decoded together in one call; if that call fails (it returns
+    nothing then), each is tried alone, and one the device decoder still refuses goes to PIL
+    before it is given up."""
+    headers: list[ImageHeader | ImageRejected] = []
     for data in datas:
         try:
-            headers.append(read_header(data))
-        except (UnreadableImage, ValueError) as error:
-            headers.append(UnreadableImage(str(error)))
-    decoded: list[torch.Tensor | UnreadableImage | None] = [
-        header if isinstance(header, UnreadableImage) else None for header in headers
+            header = read_header(data)
+            if side_limits is not None:
+                check_side_limits(header, *side_limits)
+            headers.append(header)
+        except ImageRejected as error:
+            headers.append(error)
+    decoded: list[torch.Tensor | ImageRejected | None] = [
+        header if isinstance(header, ImageRejected) else None for header in headers
     ]
     on_device = [
         i for i, h in enumerate(headers) if isinstance(h, ImageHeader) and h.format == "JPEG" and h.mode in _DEVICE_JPEG_MODES
@@ -69,7 +83,7 @@ def _decode_one_jpeg(encoded: torch.Tensor, device: torch.device) -> torch.Tenso
         return None
 
 
-def _decode_on_cpu(data: bytes, device: torch.device) -> torch.Tensor | UnreadableImage:
+def _decode_on_cpu(data: bytes, device: torch.device) -> torch.Tensor | ImageRejected:
     try:
         image = decode_with_pil(data)
     except UnreadableImage as error:

@@ -23,11 +23,15 @@ _EXIF_ORIENTATION = 0x0112
 _UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, ImportError)
 
 
-class UnreadableImage(ValueError):
+class ImageRejected(ValueError):
+    """An image that is not decoded; the message says why."""
+
+
+class UnreadableImage(ImageRejected):
     """The bytes are not an accepted image, or its pixels cannot be decoded."""
 
 
-class ImageOutOfBounds(ValueError):
+class ImageOutOfBounds(ImageRejected):
     """The header declares a size outside the accepted range; no pixel was decoded."""
 
 

@@ -26,19 +26,19 @@ import torch
 from PIL import Image
 
 from inference.classifier import INPUT_SIZE, crop_and_resize, normalize
+from inference.client import TagResult
 from inference.detector import Box, Detector
 from inference.device_images import LETTERBOX_GREY, Placement, decode_images, letterbox_into
 from inference.engine import EngineConfig, FailureCounter, ModelError, TaggingEngine
 from inference.fusion import ScoredTag, fuse
-from inference.image_header import UnreadableImage
+from inference.image_header import ImageRejected
 
 log = logging.getLogger(__name__)
 
-TagResult = list[ScoredTag] | ModelError
-
 
 class UndecodableImage(ModelError):
-    """The image's bytes could not be decoded; carried in that image's result slot."""
+    """The image was not decoded (unreadable, or a header size outside the limits); carried in
+    that image's result slot."""
 
 
 def bucket_sizes(max_batch: int) -> tuple[int, ...]:
@@ -92,14 +92,18 @@ class DevicePipeline:
         max_batch: int = 64,
         failed_batches: FailureCounter | None = None,
         pad_to_buckets: bool | None = None,
+        side_limits: tuple[int, int] | None = None,
     ) -> None:
         """`pad_to_buckets`, None: on CUDA only. A CPU has no algorithm search to avoid, and a
-        padded image costs it as much as a real one."""
+        padded image costs it as much as a real one. `side_limits`: (shortest side at least,
+        longest side at most), checked on each header before its pixels are decoded; the
+        gateway checks them too, this keeps a pipeline fed from elsewhere safe."""
         self.engine = engine
         self.device = engine.classifier.device
         self.buckets = bucket_sizes(max_batch)
         self.pad_to_buckets = self.device.type == "cuda" if pad_to_buckets is None else pad_to_buckets
         self.failed_batches = failed_batches
+        self.side_limits = side_limits
         self.detectors: list[YoloNetwork | Detector] = [
             YoloNetwork(detector, self.device) if detector.weights.suffix == ".pt" else detector
             for detector in engine.detectors
@@ -139,9 +143,9 @@ class DevicePipeline:
         return results
 
     def _predict_part(self, datas: list[bytes]) -> list[TagResult]:
-        decoded = decode_images(datas, self.device)
+        decoded = decode_images(datas, self.device, self.side_limits)
         results: list[TagResult | None] = [
-            UndecodableImage(str(image)) if isinstance(image, UnreadableImage) else None for image in decoded
+            UndecodableImage(str(image)) if isinstance(image, ImageRejected) else None for image in decoded
         ]
         ready = [i for i, result in enumerate(results) if result is None]
         for i, tags in zip(ready, self.predict_pixels([decoded[i] for i in ready])):

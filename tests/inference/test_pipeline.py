@@ -130,6 +130,14 @@ def test_a_corrupt_jpeg_fails_alone(engine):
     assert [t.tag.key for t in results[0]] == [t.tag.key for t in results[2]]
 
 
+def test_header_sizes_are_checked_before_decoding(engine):
+    small, large = (PHOTOS / "cat_chelsea.jpg").read_bytes(), (PHOTOS / "bus.jpg").read_bytes()
+    results = DevicePipeline(engine, side_limits=(15, 720)).predict([small, large[:3000]])
+    assert "cat" in {t.tag.key for t in results[0]}
+    # Cut after its header: refused by its declared size, not by its missing pixels.
+    assert isinstance(results[1], UndecodableImage) and "768x1024" in str(results[1])
+
+
 def test_a_batch_of_three_runs_as_four_and_every_bucket_is_warmed(torch_engine, photos):
     pipeline = DevicePipeline(torch_engine, max_batch=4, pad_to_buckets=True)
     seen: list[int] = []
