@@ -14,6 +14,12 @@ its images are retried one by one, so it shows up as an error, not as slowness.
 `.pt` detectors run their network directly (ultralytics' predictor letterboxes on the CPU, one
 image at a time); detectors exported to other formats (ONNX, OpenVINO, TFLite) keep running
 through ultralytics as `inference/detector.py` sets them up.
+
+The letterbox is the square input on every device, so CPU and CUDA see the same picture and
+their boxes agree. The shipped calibration was fitted on the engine's CPU path, where ultralytics
+pads a lone image only to the tightest rectangle; on the test photos the square moved a tag's
+confidence by up to 0.07 (tests/inference/test_pipeline.py), so the quality report is worth
+re-running on this path (`EngineConfig.detector_square_letterbox`) before it serves traffic.
 """
 
 from __future__ import annotations
@@ -73,7 +79,8 @@ class YoloNetwork:
 
     @torch.inference_mode()
     def detections(self, letterboxed: torch.Tensor) -> list[torch.Tensor]:
-        """Per image, an (n, 6) tensor on the device: x1, y1, x2, y2 in letterbox pixels, score, class."""
+        """Per image of an (N, 3, S, S) uint8 batch, an (n, 6) tensor on the device: x1, y1, x2, y2
+        in letterbox pixels, score, class."""
         from ultralytics.utils.nms import non_max_suppression
 
         output = self.network(letterboxed.to(self.dtype).div_(255))

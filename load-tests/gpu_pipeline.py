@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -123,16 +124,16 @@ def main() -> int:
     rows: list[tuple[str, int, dict[str, float]]] = []
     for size in batch_sizes:
         classifier_input = torch.randn(size, 3, INPUT_SIZE, INPUT_SIZE, device=device)
+        letterboxed = torch.full((size, 3, pipeline.letterbox_size, pipeline.letterbox_size), 114, dtype=torch.uint8, device=device)
         decoded = [image for image in decode_images(batch(0, size), device) if isinstance(image, torch.Tensor)]
-        letterbox_size = pipeline.letterbox_size
 
         def models_alone(_: int) -> None:
             engine.classifier.logits(classifier_input)
             for detector in pipeline.detectors:
                 if isinstance(detector, YoloNetwork):
-                    detector.detections(torch.full((size, 3, letterbox_size, letterbox_size), 114, dtype=torch.uint8, device=device))
+                    detector.detections(letterboxed)
                 else:  # an exported detector takes PIL images through ultralytics' own preprocessing
-                    pipeline.detect(decoded)
+                    detector.predict([Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in decoded])
 
         stages: list[tuple[str, Callable[[int], None]]] = [
             ("models alone", models_alone),
