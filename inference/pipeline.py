@@ -160,8 +160,11 @@ class DevicePipeline:
         return results
 
     def predict_pixels(self, pixels: list[torch.Tensor]) -> list[TagResult]:
-        """Tags for decoded (3, H, W) uint8 RGB images on the device, at most the largest bucket.
-        A failed batch is logged and counted, then retried image by image."""
+        """Tags for decoded (3, H, W) uint8 RGB images on the device. A failed batch is logged and
+        counted, then retried image by image."""
+        largest = self.buckets[-1]
+        if len(pixels) > largest:
+            return [r for start in range(0, len(pixels), largest) for r in self.predict_pixels(pixels[start : start + largest])]
         if not pixels:
             return []
         try:

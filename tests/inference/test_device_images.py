@@ -77,6 +77,12 @@ def test_other_formats_decode_on_the_cpu_like_pil(cat, image_format):
     assert np.array_equal(as_array(pixels), np.asarray(cat))
 
 
+def test_a_cmyk_jpeg_goes_to_pil_like_the_reference(cat):
+    data = encoded(cat.convert("CMYK"), "JPEG", quality=95)
+    (pixels,) = decode_images([data], CPU)
+    assert np.array_equal(as_array(pixels), np.asarray(decode_with_pil(data)))
+
+
 def test_transparency_is_shown_over_white_and_grey_becomes_rgb():
     rgba = Image.new("RGBA", (40, 30), (255, 0, 0, 0))
     grey = Image.new("L", (40, 30), 77)
