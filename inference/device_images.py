@@ -59,7 +59,9 @@ def decode_images(
         header if isinstance(header, ImageRejected) else None for header in headers
     ]
     on_device = [
-        i for i, h in enumerate(headers) if isinstance(h, ImageHeader) and h.format == "JPEG" and h.mode in _DEVICE_JPEG_MODES
+        i
+        for i, header in enumerate(headers)
+        if isinstance(header, ImageHeader) and header.format == "JPEG" and header.mode in _DEVICE_JPEG_MODES
     ]
     encoded = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in on_device]
     if encoded:

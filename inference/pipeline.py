@@ -164,7 +164,8 @@ class DevicePipeline:
         counted, then retried image by image."""
         largest = self.buckets[-1]
         if len(pixels) > largest:
-            return [r for start in range(0, len(pixels), largest) for r in self.predict_pixels(pixels[start : start + largest])]
+            parts = [pixels[start : start + largest] for start in range(0, len(pixels), largest)]
+            return [result for part in parts for result in self.predict_pixels(part)]
         if not pixels:
             return []
         try:

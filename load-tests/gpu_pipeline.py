@@ -37,12 +37,16 @@ from inference.pipeline import DevicePipeline, YoloNetwork  # noqa: E402
 
 
 def photo_bytes(limit: int) -> list[bytes]:
-    paths = sorted((REPO / "tests" / "photos").glob("*.jpg")) + sorted((REPO / "tests" / "evalset" / "photos").glob("*.jpg"))
+    tests = REPO / "tests"
+    paths = sorted((tests / "photos").glob("*.jpg")) + sorted((tests / "evalset" / "photos").glob("*.jpg"))
     return [path.read_bytes() for path in paths[:limit]]
 
 
+Stage = tuple[str, Callable[[int], None]]
+
+
 def measure(
-    stages: list[tuple[str, Callable[[int], None]]], batch_size: int, seconds: float, min_batches: int, device: torch.device
+    stages: list[Stage], batch_size: int, seconds: float, min_batches: int, device: torch.device
 ) -> list[dict[str, float]]:
     """Images/s of each stage's `run(batch_index)`, after one warm-up batch each. The stages take
     turns batch by batch, so a machine whose load drifts (shared cores) weighs on all alike. On
@@ -88,8 +92,11 @@ def main() -> int:
     parser.add_argument("--classifier-runtime", default="auto")
     parser.add_argument("--detector-runtime", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch/OpenVINO threads on a CPU")
-    parser.add_argument("--square-letterbox", action="store_true",
-                        help="exported detectors (and the reference engine) pad to the square input, as the network path always does")
+    parser.add_argument(
+        "--square-letterbox",
+        action="store_true",
+        help="exported detectors (and the reference engine) pad to the square input, as the network path always does",
+    )
     parser.add_argument("--skip-reference", action="store_true", help="leave out PIL + TaggingEngine.predict")
     args = parser.parse_args()
 
@@ -110,7 +117,9 @@ def main() -> int:
     pipeline = DevicePipeline(engine, max_batch=max(batch_sizes))
     pipeline.warm_up()
     photos = photo_bytes(args.photos)
-    detector_kinds = ", ".join("network" if isinstance(d, YoloNetwork) else f"ultralytics {d.weights.name}" for d in pipeline.detectors)
+    detector_kinds = ", ".join(
+        "network" if isinstance(d, YoloNetwork) else f"ultralytics {d.weights.name}" for d in pipeline.detectors
+    )
     print(f"device {device}; classifier {engine.classifier.runtime}; detector {detector_kinds}; "
           f"buckets {pipeline.buckets if pipeline.pad_to_buckets else 'none (unpadded)'}; "
           f"{len(photos)} photos; built and warmed in {time.perf_counter() - started:.1f} s")
@@ -124,7 +133,8 @@ def main() -> int:
     rows: list[tuple[str, int, dict[str, float]]] = []
     for size in batch_sizes:
         classifier_input = torch.randn(size, 3, INPUT_SIZE, INPUT_SIZE, device=device)
-        letterboxed = torch.full((size, 3, pipeline.letterbox_size, pipeline.letterbox_size), 114, dtype=torch.uint8, device=device)
+        square = pipeline.letterbox_size
+        letterboxed = torch.full((size, 3, square, square), 114, dtype=torch.uint8, device=device)
         decoded = [image for image in decode_images(batch(0, size), device) if isinstance(image, torch.Tensor)]
 
         def models_alone(_: int) -> None:
@@ -133,14 +143,17 @@ def main() -> int:
                 if isinstance(detector, YoloNetwork):
                     detector.detections(letterboxed)
                 else:  # an exported detector takes PIL images through ultralytics' own preprocessing
-                    detector.predict([Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in decoded])
+                    detector.predict([Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy()) for pixels in decoded])
 
-        stages: list[tuple[str, Callable[[int], None]]] = [
+        def reference(index: int) -> None:
+            engine.predict([decode_with_pil(data) for data in batch(index, size)])
+
+        stages: list[Stage] = [
             ("models alone", models_alone),
-            ("pipeline from bytes", lambda i: pipeline.predict(batch(i, size))),
+            ("pipeline from bytes", lambda index: pipeline.predict(batch(index, size))),
         ]
         if not args.skip_reference:
-            stages.append(("reference: PIL + engine", lambda i: engine.predict([decode_with_pil(data) for data in batch(i, size)])))
+            stages.append(("reference: PIL + engine", reference))
         for (stage, _), result in zip(stages, measure(stages, size, args.seconds, args.min_batches, device)):
             rows.append((stage, size, result))
             print_row(*rows[-1])
@@ -150,7 +163,8 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for stage, size, result in rows:
         print_row(stage, size, result, markdown=True)
-    print(f"fusion alone: {fusion_ms_per_image(pipeline, photos[: min(32, pipeline.buckets[-1])]):.3f} ms per image (fuse(), on the pipeline's outputs)")
+    fusion_ms = fusion_ms_per_image(pipeline, photos[: min(32, pipeline.buckets[-1])])
+    print(f"fusion alone: {fusion_ms:.3f} ms per image (fuse(), on the pipeline's outputs)")
     return 0
 
 
@@ -159,7 +173,11 @@ def print_row(stage: str, size: int, result: dict[str, float], markdown: bool = 
     if markdown:
         print(f"| {stage} | {size} | {result['images_per_s']:.1f} | {result['median_batch_ms']:.1f} | {peak} |")
     else:
-        print(f"{stage:>24s}  batch {size:4d}: {result['images_per_s']:9.1f} images/s, {result['median_batch_ms']:8.1f} ms per batch, peak GPU MB {peak}", flush=True)
+        print(
+            f"{stage:>24s}  batch {size:4d}: {result['images_per_s']:9.1f} images/s, "
+            f"{result['median_batch_ms']:8.1f} ms per batch, peak GPU MB {peak}",
+            flush=True,
+        )
 
 
 def fusion_ms_per_image(pipeline: DevicePipeline, photos: list[bytes], rounds: int = 5) -> float:
