@@ -1,6 +1,8 @@
 """Decoding, orientation and letterbox on a device, against PIL and ultralytics' own arithmetic; no models."""
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from inference.image_header import (
     read_header,
 )
 from inference.pipeline import bucket_for, bucket_sizes
-from tests.conftest import PHOTOS
+from tests.conftest import PHOTOS, REPO
 
 CPU = torch.device("cpu")
 
@@ -34,6 +36,12 @@ def as_array(pixels: torch.Tensor) -> np.ndarray:
 @pytest.fixture(scope="module")
 def cat() -> Image.Image:
     return Image.open(PHOTOS / "cat_chelsea.jpg").convert("RGB")
+
+
+def test_the_header_reader_imports_no_torch():
+    """A gateway checks sizes with it without loading the models' libraries."""
+    code = "import sys, inference.image_header; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 
 def test_the_header_gives_size_format_and_orientation_without_decoding(cat):
