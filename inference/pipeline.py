@@ -76,6 +76,9 @@ class YoloNetwork:
         # A copy: ultralytics' predictor fuses and casts the module it holds in place.
         network = copy.deepcopy(detector.model.model).fuse(verbose=False)
         self.network = network.to(device, self.dtype).eval()
+        # NMS-free heads (YOLO26, YOLOv10) already give (x1, y1, x2, y2, score, class) rows;
+        # ultralytics' NMS then only applies the score threshold, as its predictor does.
+        self.end2end = bool(getattr(network, "end2end", False))
 
     @torch.inference_mode()
     def detections(self, letterboxed: torch.Tensor) -> list[torch.Tensor]:
@@ -86,7 +89,7 @@ class YoloNetwork:
         output = self.network(letterboxed.to(self.dtype).div_(255))
         predictions = output[0] if isinstance(output, (tuple, list)) else output
         return non_max_suppression(
-            predictions, self.min_confidence, self.iou, max_det=self.max_detections
+            predictions, self.min_confidence, self.iou, max_det=self.max_detections, end2end=self.end2end
         )
 
 
