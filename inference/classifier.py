@@ -28,14 +28,24 @@ def default_weights_path() -> Path:
 
 def preprocess(image: Image.Image) -> torch.Tensor:
     """An RGB image as the network's (3, 260, 260) float input."""
-    width, height = image.size
+    return normalize(crop_and_resize(F.pil_to_tensor(image)))
+
+
+def crop_and_resize(pixels: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) uint8 pixels, on any device, as the network's (3, 260, 260) uint8 view of them.
+
+    Kept in uint8, as the reference always was: the resize rounds to whole pixel values, and the
+    device pipeline must see the same numbers the CPU reference does."""
+    height, width = pixels.shape[-2:]
     crop = round(INPUT_SIZE / (INPUT_SIZE + CROP_PADDING) * min(width, height))
-    tensor = F.pil_to_tensor(image)
-    tensor = F.center_crop(tensor, [crop, crop])
-    tensor = F.resize(
-        tensor, [INPUT_SIZE, INPUT_SIZE], interpolation=F.InterpolationMode.BICUBIC, antialias=True
+    pixels = F.center_crop(pixels, [crop, crop])
+    return F.resize(
+        pixels, [INPUT_SIZE, INPUT_SIZE], interpolation=F.InterpolationMode.BICUBIC, antialias=True
     )
-    return (tensor.float() - PIXEL_MEAN) / PIXEL_STD
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    return (pixels.float() - PIXEL_MEAN) / PIXEL_STD
 
 
 def load_model(weights: Path | None = None) -> torch.nn.Module:
@@ -77,9 +87,12 @@ class _TorchRunner:
         self.model = fold_batchnorm(model).to(device, self.dtype, memory_format=torch.channels_last)
 
     @torch.inference_mode()
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
-        return self.model(batch).float().cpu()
+        return self.model(batch)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.logits(batch).float().cpu()
 
 
 class _OnnxRunner:
@@ -98,8 +111,10 @@ class _OnnxRunner:
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        (logits,) = self.session.run(None, {self.input: batch.numpy()})
+        (logits,) = self.session.run(None, {self.input: batch.cpu().numpy()})
         return torch.from_numpy(logits)
+
+    logits = __call__
 
 
 class _OpenVinoRunner:
@@ -117,8 +132,10 @@ class _OpenVinoRunner:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         with self.lock:
-            logits = self.request.infer({0: batch.numpy()})[0]
+            logits = self.request.infer({0: batch.cpu().numpy()})[0]
             return torch.from_numpy(logits.copy())
+
+    logits = __call__
 
 
 class Classifier:
@@ -156,3 +173,8 @@ class Classifier:
         """Probabilities, shape (len(images), 1000)."""
         batch = torch.stack([preprocess(image) for image in images])
         return self._run(batch).softmax(dim=-1).numpy()
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """Raw outputs for an already preprocessed (N, 3, 260, 260) batch. With PyTorch they stay
+        on the model's device, unsynchronised, so the caller can queue more work behind them."""
+        return self._run.logits(batch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from PIL import Image
@@ -28,6 +29,13 @@ class ModelError(RuntimeError):
     """The models failed on one image; carried in that image's result slot."""
 
 
+class FailureCounter(Protocol):
+    """Counts batches that failed and were retried image by image; a prometheus `Counter` is one.
+    The caller owns it, so the engine records a number and the service decides how to export it."""
+
+    def inc(self, amount: float = 1) -> None: ...
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     detector_weights: tuple[Path, ...]
@@ -46,6 +54,9 @@ class EngineConfig:
     """auto, torch, onnx or openvino; applies to `.pt` weights (an exported file runs as it is)."""
     runtime_cache_dir: Path | None = None
     """Where ONNX/OpenVINO exports are made once and reused; None: the user's cache folder."""
+    detector_square_letterbox: bool = False
+    """Pad every image to the detector's square input, as inference/pipeline.py always does,
+    instead of ultralytics' tightest rectangle for a lone image (what the calibration was fitted on)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,15 +74,17 @@ class TaggingEngine:
         classifier: Classifier,
         detectors: tuple[Detector, ...],
         calibration: Calibration,
+        failed_batches: FailureCounter | None = None,
     ) -> None:
         self.vocabulary = vocabulary
         self.classifier = classifier
         self.detectors = detectors
         self.calibration = calibration
         self.detector_keys = _detector_keys(detectors, vocabulary)
+        self.failed_batches = failed_batches
 
     @classmethod
-    def build(cls, config: EngineConfig) -> TaggingEngine:
+    def build(cls, config: EngineConfig, failed_batches: FailureCounter | None = None) -> TaggingEngine:
         for weights in config.detector_weights:  # before minutes of classifier set-up, not after
             require_weights(weights)
         keep_runtimes_offline()
@@ -99,6 +112,7 @@ class TaggingEngine:
                 config.detector_image_size,
                 config.detector_min_confidence,
                 upscale_small=calibration.detector_upscale_small,
+                square_letterbox=config.detector_square_letterbox,
             )
             configure_openvino_detector(detector, config.torch_threads)
             return detector
@@ -109,7 +123,7 @@ class TaggingEngine:
             )
             for weights in config.detector_weights
         )
-        engine = cls(vocabulary, classifier, detectors, calibration)
+        engine = cls(vocabulary, classifier, detectors, calibration, failed_batches)
         engine.warm_up()
         log.info(
             "models ready on %s: classifier on %s, detectors %s",
@@ -133,6 +147,10 @@ class TaggingEngine:
             if len(images) == 1:
                 log.exception("model failure on a single image")
                 return [ModelError("the model failed to process this image")]
+            # A retried batch costs len(images) model calls: never let that pass as mere slowness.
+            log.exception("a batch of %d images failed; retrying them one by one", len(images))
+            if self.failed_batches is not None:
+                self.failed_batches.inc()
         # One image that breaks the batch must not fail its neighbours: retry them one by one.
         results: list[list[ScoredTag] | ModelError] = []
         for image in images:

@@ -1,12 +1,14 @@
 """The real models on real photos."""
 
+import logging
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from prometheus_client import CollectorRegistry, Counter
 
 from inference.detector import Detector, DetectorLoadError
-from inference.engine import ModelError
+from inference.engine import ModelError, TaggingEngine
 from tests.conftest import PHOTOS, SHARED_WEIGHTS, ultralytics_asset
 
 
@@ -46,6 +48,18 @@ def test_one_bad_image_does_not_fail_its_neighbours(engine):
     assert isinstance(results[1], ModelError)
     assert [t.tag.key for t in results[0][:3]] == [t.tag.key for t in results[2][:3]]
     assert "cat" in {t.tag.key for t in results[0]}
+
+
+def test_a_failed_batch_is_logged_and_counted_before_the_retry(engine, caplog):
+    registry = CollectorRegistry()
+    failed = Counter("imagetag_failed_batches", "batches retried image by image", registry=registry)
+    counted = TaggingEngine(engine.vocabulary, engine.classifier, engine.detectors, engine.calibration, failed)
+    good = Image.open(PHOTOS / "cat_chelsea.jpg").convert("RGB")
+    with caplog.at_level(logging.ERROR, logger="inference.engine"):
+        results = counted.predict([good, Image.new("L", (64, 64)), good])
+    assert isinstance(results[1], ModelError)
+    assert registry.get_sample_value("imagetag_failed_batches_total") == 1
+    assert "a batch of 3 images failed" in caplog.text
 
 
 def test_tflite_export_detects_the_same_things(engine):

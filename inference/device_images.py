@@ -1,0 +1,153 @@
+"""Pixels on the models' device: JPEG decoded there (nvJPEG on CUDA, batched), every other format
+and any JPEG the device decoder refuses decoded by PIL on the CPU, EXIF orientation applied, and the
+detector's letterbox made there. The same code runs on a CPU device; that is how it is tested."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as F
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from inference.image_header import (
+    ImageHeader,
+    ImageRejected,
+    UnreadableImage,
+    check_side_limits,
+    decode_with_pil,
+    read_header,
+)
+
+# Ultralytics' own letterbox colour, as inference/detector.py pads.
+LETTERBOX_GREY = 114
+# JPEG colour modes nvJPEG and libjpeg turn into the same RGB as PIL does; CMYK and YCCK are
+# converted differently by each decoder, so those go through PIL like the reference.
+_DEVICE_JPEG_MODES = ("RGB", "L")
+
+
+def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    # torchvision 0.29 deprecates its decoders in favour of TorchCodec and warns on every call.
+    # catch_warnings is not thread-safe before Python 3.14: at worst another thread's warning
+    # filter is briefly lost, never a decoded pixel.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+
+
+def decode_images(
+    datas: list[bytes], device: torch.device, side_limits: tuple[int, int] | None = None
+) -> list[torch.Tensor | ImageRejected]:
+    """Per image: upright (3, H, W) uint8 RGB pixels on `device`, or why it was not decoded.
+
+    `side_limits` (shortest side at least, longest at most), checked on the header before any
+    pixel is decoded. JPEGs are decoded together in one call; if that call fails (it returns
+    nothing then), each is tried alone, and one the device decoder still refuses goes to PIL
+    before it is given up."""
+    headers: list[ImageHeader | ImageRejected] = []
+    for data in datas:
+        try:
+            header = read_header(data)
+            if side_limits is not None:
+                check_side_limits(header, *side_limits)
+            headers.append(header)
+        except ImageRejected as error:
+            headers.append(error)
+    decoded: list[torch.Tensor | ImageRejected | None] = [
+        header if isinstance(header, ImageRejected) else None for header in headers
+    ]
+    on_device = [
+        i
+        for i, header in enumerate(headers)
+        if isinstance(header, ImageHeader) and header.format == "JPEG" and header.mode in _DEVICE_JPEG_MODES
+    ]
+    encoded = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in on_device]
+    if encoded:
+        try:
+            pixels: list[torch.Tensor | None] = list(_decode_jpegs(encoded, device))
+        except RuntimeError:
+            pixels = [_decode_one_jpeg(one, device) for one in encoded]
+        for i, image in zip(on_device, pixels):
+            if image is not None:
+                decoded[i] = orient(image, headers[i].orientation)
+    for i, image in enumerate(decoded):
+        if image is None:
+            decoded[i] = _decode_on_cpu(datas[i], device)
+    return decoded
+
+
+def _decode_one_jpeg(encoded: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    try:
+        return _decode_jpegs([encoded], device)[0]
+    except RuntimeError:
+        return None
+
+
+def _decode_on_cpu(data: bytes, device: torch.device) -> torch.Tensor | ImageRejected:
+    try:
+        image = decode_with_pil(data)
+    except UnreadableImage as error:
+        return error
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).to(device)
+
+
+def orient(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
+    """(3, H, W) pixels turned as EXIF orientation 1..8 asks, as PIL's `exif_transpose` does
+    (torchvision applies the tag only when decoding on the CPU)."""
+    if orientation == 2:
+        return pixels.flip(-1)
+    if orientation == 3:
+        return pixels.flip(-2, -1)
+    if orientation == 4:
+        return pixels.flip(-2)
+    if orientation == 5:
+        return pixels.transpose(-2, -1)
+    if orientation == 6:
+        return pixels.transpose(-2, -1).flip(-1)
+    if orientation == 7:
+        return pixels.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:
+        return pixels.transpose(-2, -1).flip(-2)
+    return pixels
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an image sits in its letterboxed square, to map boxes back to its own pixels."""
+
+    width: int
+    height: int
+    left: int
+    top: int
+    scale_x: float
+    scale_y: float
+
+    def to_image(self, x1: float, y1: float, x2: float, y2: float) -> tuple[float, float, float, float]:
+        """A letterbox box in the image's pixels, cut at the image's edges."""
+        x1 = min(max((x1 - self.left) / self.scale_x, 0.0), self.width)
+        x2 = min(max((x2 - self.left) / self.scale_x, 0.0), self.width)
+        y1 = min(max((y1 - self.top) / self.scale_y, 0.0), self.height)
+        y2 = min(max((y2 - self.top) / self.scale_y, 0.0), self.height)
+        return x1, y1, x2, y2
+
+
+def letterbox_into(canvas: torch.Tensor, pixels: torch.Tensor) -> Placement:
+    """Places (3, H, W) uint8 `pixels` into `canvas` (3, S, S), already grey, as inference/detector.py
+    has ultralytics do it: an image smaller than S sits top-left at its own size (the fitted
+    calibration depends on small images never being enlarged); a larger one is scaled down keeping
+    its aspect (bilinear, like ultralytics' cv2 INTER_LINEAR) and centred, with ultralytics' rounding."""
+    size = canvas.shape[-1]
+    height, width = pixels.shape[-2:]
+    if max(height, width) < size:
+        canvas[:, :height, :width] = pixels
+        return Placement(width, height, 0, 0, 1.0, 1.0)
+    ratio = min(size / height, size / width)
+    new_height, new_width = max(round(height * ratio), 1), max(round(width * ratio), 1)
+    if (new_height, new_width) != (height, width):
+        pixels = F.resize(pixels, [new_height, new_width], interpolation=F.InterpolationMode.BILINEAR, antialias=False)
+    top = round((size - new_height) / 2 - 0.1)
+    left = round((size - new_width) / 2 - 0.1)
+    canvas[:, top : top + new_height, left : left + new_width] = pixels
+    return Placement(width, height, left, top, new_width / width, new_height / height)

@@ -1,0 +1,240 @@
+"""Image bytes to tags with the pixels kept on the models' device.
+
+`DevicePipeline.predict(list of bytes)` gives one result per image, like `TaggingEngine.predict`:
+its tags (the same `ScoredTag` lists `fuse()` makes) or the error for that image alone. Per batch:
+JPEGs decoded on the device together, other formats by PIL (inference/device_images.py); the
+classifier's crop and resize and the detector's letterbox made there; both models on the one
+batch (half precision on CUDA); NMS there over the whole batch; one transfer back for fusion.
+
+Stalls it avoids: every new input shape can cost a cuDNN algorithm search, so batches run only at
+bucketed sizes (1, 2, 4, ... up to `max_batch`, padded with blank images) and one letterbox size,
+and `warm_up()` runs every bucket once at start. A batch that fails is logged and counted before
+its images are retried one by one, so it shows up as an error, not as slowness.
+
+`.pt` detectors run their network directly (ultralytics' predictor letterboxes on the CPU, one
+image at a time); detectors exported to other formats (ONNX, OpenVINO, TFLite) keep running
+through ultralytics as `inference/detector.py` sets them up.
+
+The letterbox is the square input on every device, so CPU and CUDA see the same picture and
+their boxes agree. The shipped calibration was fitted on the engine's CPU path, where ultralytics
+pads a lone image only to the tightest rectangle; on the test photos the square moved a tag's
+confidence by up to 0.07 (tests/inference/test_pipeline.py), so the quality report is worth
+re-running on this path (`EngineConfig.detector_square_letterbox`) before it serves traffic.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+
+import torch
+from PIL import Image
+
+from inference.classifier import INPUT_SIZE, crop_and_resize, normalize
+from inference.client import TagResult
+from inference.detector import Box, Detector
+from inference.device_images import LETTERBOX_GREY, Placement, decode_images, letterbox_into
+from inference.engine import EngineConfig, FailureCounter, ModelError, TaggingEngine
+from inference.fusion import ScoredTag, fuse
+from inference.image_header import ImageRejected
+
+log = logging.getLogger(__name__)
+
+
+class UndecodableImage(ModelError):
+    """The image was not decoded (unreadable, or a header size outside the limits); carried in
+    that image's result slot."""
+
+
+def bucket_sizes(max_batch: int) -> tuple[int, ...]:
+    """Powers of two up to `max_batch`, and `max_batch` itself."""
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch:
+        sizes.append(sizes[-1] * 2)
+    if max_batch > 1:
+        sizes.append(max_batch)
+    return tuple(sizes)
+
+
+def bucket_for(count: int, buckets: tuple[int, ...]) -> int:
+    return next(size for size in buckets if size >= count)
+
+
+class YoloNetwork:
+    """A `.pt` detector's network called directly on a letterboxed batch on the device, with
+    ultralytics' own NMS and its predictor's settings (IoU, max detections)."""
+
+    def __init__(self, detector: Detector, device: torch.device) -> None:
+        from ultralytics.utils import DEFAULT_CFG
+
+        self.names = detector.names
+        self.min_confidence = detector.min_confidence
+        self.iou = DEFAULT_CFG.iou
+        self.max_detections = DEFAULT_CFG.max_det
+        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
+        # A copy: ultralytics' predictor fuses and casts the module it holds in place.
+        network = copy.deepcopy(detector.model.model).fuse(verbose=False)
+        self.network = network.to(device, self.dtype).eval()
+        # NMS-free heads (YOLO26, YOLOv10) already give (x1, y1, x2, y2, score, class) rows;
+        # ultralytics' NMS then only applies the score threshold, as its predictor does.
+        self.end2end = bool(getattr(network, "end2end", False))
+
+    @torch.inference_mode()
+    def detections(self, letterboxed: torch.Tensor) -> list[torch.Tensor]:
+        """Per image of an (N, 3, S, S) uint8 batch, an (n, 6) tensor on the device: x1, y1, x2, y2
+        in letterbox pixels, score, class."""
+        from ultralytics.utils.nms import non_max_suppression
+
+        output = self.network(letterboxed.to(self.dtype).div_(255))
+        predictions = output[0] if isinstance(output, (tuple, list)) else output
+        return non_max_suppression(
+            predictions, self.min_confidence, self.iou, max_det=self.max_detections, end2end=self.end2end
+        )
+
+
+class DevicePipeline:
+    """Image bytes to tags for a built `TaggingEngine`, on the engine's device."""
+
+    def __init__(
+        self,
+        engine: TaggingEngine,
+        max_batch: int = 64,
+        failed_batches: FailureCounter | None = None,
+        pad_to_buckets: bool | None = None,
+        side_limits: tuple[int, int] | None = None,
+    ) -> None:
+        """`pad_to_buckets`, None: on CUDA only. A CPU has no algorithm search to avoid, and a
+        padded image costs it as much as a real one. `side_limits`: (shortest side at least,
+        longest side at most), checked on each header before its pixels are decoded; the
+        gateway checks them too, this keeps a pipeline fed from elsewhere safe."""
+        self.engine = engine
+        self.device = engine.classifier.device
+        self.buckets = bucket_sizes(max_batch)
+        self.pad_to_buckets = self.device.type == "cuda" if pad_to_buckets is None else pad_to_buckets
+        self.failed_batches = failed_batches
+        self.side_limits = side_limits
+        self.detectors: list[YoloNetwork | Detector] = [
+            YoloNetwork(detector, self.device) if detector.weights.suffix == ".pt" else detector
+            for detector in engine.detectors
+        ]
+        self.letterbox_size = engine.detectors[0].image_size if engine.detectors else 640
+
+    @classmethod
+    def build(
+        cls, config: EngineConfig, max_batch: int = 64, failed_batches: FailureCounter | None = None
+    ) -> DevicePipeline:
+        """The engine's models behind a pipeline, every bucket warmed."""
+        pipeline = cls(TaggingEngine.build(config, failed_batches), max_batch, failed_batches)
+        pipeline.warm_up()
+        return pipeline
+
+    def batch_size_for(self, count: int) -> int:
+        """The batch size `count` images run at."""
+        return bucket_for(count, self.buckets) if self.pad_to_buckets else count
+
+    def warm_up(self) -> None:
+        """Runs every bucket once, so no request pays for a first-time shape (cuDNN's algorithm
+        search, lazy kernels) or for nvJPEG's setup."""
+        # Larger than the letterbox, so the resize kernels load now too, not on the first photo.
+        grey = Image.new("RGB", (self.letterbox_size + 160, self.letterbox_size), (127, 127, 127))
+        encoded = io.BytesIO()
+        grey.save(encoded, "JPEG")
+        (pixels,) = decode_images([encoded.getvalue()], self.device)
+        for size in self.buckets if self.pad_to_buckets else (1,):
+            self._run_batch([pixels] * size)
+
+    def predict(self, datas: list[bytes]) -> list[TagResult]:
+        """One result per image, in order; batches longer than the largest bucket run in parts."""
+        largest = self.buckets[-1]
+        results: list[TagResult] = []
+        for start in range(0, len(datas), largest):
+            results.extend(self._predict_part(datas[start : start + largest]))
+        return results
+
+    def _predict_part(self, datas: list[bytes]) -> list[TagResult]:
+        decoded = decode_images(datas, self.device, self.side_limits)
+        results: list[TagResult | None] = [
+            UndecodableImage(str(image)) if isinstance(image, ImageRejected) else None for image in decoded
+        ]
+        ready = [i for i, result in enumerate(results) if result is None]
+        for i, tags in zip(ready, self.predict_pixels([decoded[i] for i in ready])):
+            results[i] = tags
+        return results
+
+    def predict_pixels(self, pixels: list[torch.Tensor]) -> list[TagResult]:
+        """Tags for decoded (3, H, W) uint8 RGB images on the device. A failed batch is logged and
+        counted, then retried image by image."""
+        largest = self.buckets[-1]
+        if len(pixels) > largest:
+            parts = [pixels[start : start + largest] for start in range(0, len(pixels), largest)]
+            return [result for part in parts for result in self.predict_pixels(part)]
+        if not pixels:
+            return []
+        try:
+            return self._run_batch(pixels)
+        except Exception:
+            if len(pixels) == 1:
+                log.exception("model failure on a single image")
+                return [ModelError("the model failed to process this image")]
+            log.exception("a batch of %d images failed; retrying them one by one", len(pixels))
+            if self.failed_batches is not None:
+                self.failed_batches.inc()
+        return [result for one in pixels for result in self.predict_pixels([one])]
+
+    @torch.inference_mode()
+    def _run_batch(self, pixels: list[torch.Tensor]) -> list[list[ScoredTag]]:
+        bucket = self.batch_size_for(len(pixels))
+        classifier_input = torch.zeros((bucket, 3, INPUT_SIZE, INPUT_SIZE), dtype=torch.uint8, device=self.device)
+        for row, image in zip(classifier_input, pixels):
+            row.copy_(crop_and_resize(image))
+        logits = self.engine.classifier.logits(normalize(classifier_input))
+        boxes = self.detect(pixels)
+        probabilities = logits[: len(pixels)].float().softmax(dim=-1).cpu().numpy()
+        engine = self.engine
+        return [
+            fuse(engine.vocabulary, p, b, engine.detector_keys, engine.calibration)
+            for p, b in zip(probabilities, boxes)
+        ]
+
+    @torch.inference_mode()
+    def detect(self, pixels: list[torch.Tensor]) -> list[list[Box]]:
+        """Every detector's boxes for each decoded image, in its own pixels."""
+        bucket = self.batch_size_for(len(pixels))
+        found: list[list[Box]] = [[] for _ in pixels]
+        networks = [d for d in self.detectors if isinstance(d, YoloNetwork)]
+        if networks:
+            size = self.letterbox_size
+            letterboxed = torch.full((bucket, 3, size, size), LETTERBOX_GREY, dtype=torch.uint8, device=self.device)
+            placements = [letterbox_into(canvas, image) for canvas, image in zip(letterboxed, pixels)]
+            # Unpadded (a CPU), the network takes one image per call: PyTorch's CPU convolutions cost
+            # more per image in a batch (README, Runtimes: 116 against 84 ms for YOLOv8n). With fixed
+            # shapes (a GPU) the whole bucket goes at once.
+            per_call = bucket if self.pad_to_buckets else 1
+            for network in networks:
+                per_image = [
+                    rows
+                    for start in range(0, bucket, per_call)
+                    for rows in network.detections(letterboxed[start : start + per_call])
+                ][: len(pixels)]
+                # One transfer for the whole batch: a copy per image would wait on the device each time.
+                rows = torch.cat(per_image).cpu().split([len(d) for d in per_image])
+                for boxes, image_rows, placement in zip(found, rows, placements):
+                    boxes.extend(_boxes(image_rows, placement, network.names))
+        others = [d for d in self.detectors if isinstance(d, Detector)]
+        if others:
+            images = [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in pixels]
+            for detector in others:
+                for boxes, more in zip(found, detector.predict(images)):
+                    boxes.extend(more)
+        return found
+
+
+def _boxes(rows: torch.Tensor, placement: Placement, names: dict[int, str]) -> list[Box]:
+    """Detections in the image's own pixels; one lying wholly in the padding is no box."""
+    found = []
+    for x1, y1, x2, y2, score, cls in rows.tolist():
+        x1, y1, x2, y2 = placement.to_image(x1, y1, x2, y2)
+        if x2 > x1 and y2 > y1:
+            found.append(Box(names[int(cls)], score, x1, y1, x2 - x1, y2 - y1))
+    return found

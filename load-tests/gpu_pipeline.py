@@ -1,0 +1,197 @@
+"""The device pipeline's ceilings, in one run on whatever device is present (CUDA if any):
+
+- models alone: the classifier and the detector (forward and NMS) on batches already on the
+  device, already preprocessed: the compute ceiling;
+- pipeline: `DevicePipeline.predict` from JPEG bytes in memory (decode, crop, letterbox, both
+  models, NMS, fusion), no HTTP: the in-process ceiling;
+- reference: what the service does today per batch, PIL decode then `TaggingEngine.predict`;
+- fusion alone: `fuse()` per image, on the pipeline's own model outputs.
+
+Each at several batch sizes, over the real photos of tests/photos and tests/evalset/photos,
+printing images/s and, on CUDA, the peak GPU memory of each measurement.
+
+    .venv/bin/python load-tests/gpu_pipeline.py --weights ../shared/weights/yolov8n-w8.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from inference.classifier import INPUT_SIZE, crop_and_resize, normalize  # noqa: E402
+from inference.device_images import decode_images  # noqa: E402
+from inference.engine import EngineConfig, TaggingEngine, resolve_device  # noqa: E402
+from inference.fusion import fuse  # noqa: E402
+from inference.image_header import decode_with_pil  # noqa: E402
+from inference.pipeline import DevicePipeline, YoloNetwork  # noqa: E402
+
+
+def photo_bytes(limit: int) -> list[bytes]:
+    tests = REPO / "tests"
+    paths = sorted((tests / "photos").glob("*.jpg")) + sorted((tests / "evalset" / "photos").glob("*.jpg"))
+    return [path.read_bytes() for path in paths[:limit]]
+
+
+Stage = tuple[str, Callable[[int], None]]
+
+
+def measure(
+    stages: list[Stage], batch_size: int, seconds: float, min_batches: int, device: torch.device
+) -> list[dict[str, float]]:
+    """Images/s of each stage's `run(batch_index)`, after one warm-up batch each. The stages take
+    turns batch by batch, so a machine whose load drifts (shared cores) weighs on all alike. On
+    CUDA every batch is synchronised, and the peak memory is that of the stage's own batches."""
+    cuda = device.type == "cuda"
+    for _, run in stages:
+        run(0)
+    if cuda:
+        torch.cuda.synchronize(device)
+    timings: list[list[float]] = [[] for _ in stages]
+    peaks = [0.0 for _ in stages]
+    started = time.perf_counter()
+    while len(timings[0]) < min_batches or time.perf_counter() - started < seconds * len(stages):
+        for index, (_, run) in enumerate(stages):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            begin = time.perf_counter()
+            run(len(timings[index]) + 1)
+            if cuda:
+                torch.cuda.synchronize(device)
+                peaks[index] = max(peaks[index], torch.cuda.max_memory_allocated(device) / 2**20)
+            timings[index].append(time.perf_counter() - begin)
+    results = []
+    for stage_timings, peak in zip(timings, peaks):
+        result = {
+            "images_per_s": batch_size * len(stage_timings) / sum(stage_timings),
+            "median_batch_ms": 1000 * statistics.median(stage_timings),
+        }
+        if cuda:
+            result["peak_gpu_mb"] = peak
+        results.append(result)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=Path, required=True, help="detector weights (.pt runs its network directly)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-sizes", default="1,8,32,64,128")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per stage and batch size, after one warm-up batch")
+    parser.add_argument("--min-batches", type=int, default=3)
+    parser.add_argument("--photos", type=int, default=400, help="at most this many photos, cycled")
+    parser.add_argument("--classifier-runtime", default="auto")
+    parser.add_argument("--detector-runtime", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch/OpenVINO threads on a CPU")
+    parser.add_argument(
+        "--square-letterbox",
+        action="store_true",
+        help="exported detectors (and the reference engine) pad to the square input, as the network path always does",
+    )
+    parser.add_argument("--skip-reference", action="store_true", help="leave out PIL + TaggingEngine.predict")
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
+    config = EngineConfig(
+        detector_weights=(args.weights,),
+        device=str(device),
+        torch_threads=args.threads,
+        classifier_runtime=args.classifier_runtime,
+        detector_runtime=args.detector_runtime,
+        detector_square_letterbox=args.square_letterbox,
+    )
+    started = time.perf_counter()
+    engine = TaggingEngine.build(config)
+    pipeline = DevicePipeline(engine, max_batch=max(batch_sizes))
+    pipeline.warm_up()
+    photos = photo_bytes(args.photos)
+    detector_kinds = ", ".join(
+        "network" if isinstance(d, YoloNetwork) else f"ultralytics {d.weights.name}" for d in pipeline.detectors
+    )
+    print(f"device {device}; classifier {engine.classifier.runtime}; detector {detector_kinds}; "
+          f"buckets {pipeline.buckets if pipeline.pad_to_buckets else 'none (unpadded)'}; "
+          f"{len(photos)} photos; built and warmed in {time.perf_counter() - started:.1f} s")
+    if device.type == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(device)}")
+
+    def batch(index: int, size: int) -> list[bytes]:
+        start = index * size
+        return [photos[(start + i) % len(photos)] for i in range(size)]
+
+    rows: list[tuple[str, int, dict[str, float]]] = []
+    for size in batch_sizes:
+        classifier_input = torch.randn(size, 3, INPUT_SIZE, INPUT_SIZE, device=device)
+        square = pipeline.letterbox_size
+        letterboxed = torch.full((size, 3, square, square), 114, dtype=torch.uint8, device=device)
+        decoded = [image for image in decode_images(batch(0, size), device) if isinstance(image, torch.Tensor)]
+
+        def models_alone(_: int) -> None:
+            engine.classifier.logits(classifier_input)
+            for detector in pipeline.detectors:
+                if isinstance(detector, YoloNetwork):
+                    detector.detections(letterboxed)
+                else:  # an exported detector takes PIL images through ultralytics' own preprocessing
+                    detector.predict([Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy()) for pixels in decoded])
+
+        def reference(index: int) -> None:
+            engine.predict([decode_with_pil(data) for data in batch(index, size)])
+
+        stages: list[Stage] = [
+            ("models alone", models_alone),
+            ("pipeline from bytes", lambda index: pipeline.predict(batch(index, size))),
+        ]
+        if not args.skip_reference:
+            stages.append(("reference: PIL + engine", reference))
+        for (stage, _), result in zip(stages, measure(stages, size, args.seconds, args.min_batches, device)):
+            rows.append((stage, size, result))
+            print_row(*rows[-1])
+
+    print()
+    print("| stage | batch | images/s | median ms per batch | peak GPU MB |")
+    print("|---|---|---|---|---|")
+    for stage, size, result in rows:
+        print_row(stage, size, result, markdown=True)
+    fusion_ms = fusion_ms_per_image(pipeline, photos[: min(32, pipeline.buckets[-1])])
+    print(f"fusion alone: {fusion_ms:.3f} ms per image (fuse(), on the pipeline's outputs)")
+    return 0
+
+
+def print_row(stage: str, size: int, result: dict[str, float], markdown: bool = False) -> None:
+    peak = f"{result['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in result else "-"
+    if markdown:
+        print(f"| {stage} | {size} | {result['images_per_s']:.1f} | {result['median_batch_ms']:.1f} | {peak} |")
+    else:
+        print(
+            f"{stage:>24s}  batch {size:4d}: {result['images_per_s']:9.1f} images/s, "
+            f"{result['median_batch_ms']:8.1f} ms per batch, peak GPU MB {peak}",
+            flush=True,
+        )
+
+
+def fusion_ms_per_image(pipeline: DevicePipeline, photos: list[bytes], rounds: int = 5) -> float:
+    engine = pipeline.engine
+    decoded = [image for image in decode_images(photos, pipeline.device) if isinstance(image, torch.Tensor)]
+    batch = torch.stack([normalize(crop_and_resize(image)) for image in decoded])
+    probabilities = engine.classifier.logits(batch).float().softmax(dim=-1).cpu().numpy()
+    boxes = pipeline.detect(decoded)
+    started = time.perf_counter()
+    for _ in range(rounds):
+        for p, b in zip(probabilities, boxes):
+            fuse(engine.vocabulary, p, b, engine.detector_keys, engine.calibration)
+    return 1000 * (time.perf_counter() - started) / (rounds * len(decoded))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

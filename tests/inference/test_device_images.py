@@ -1,0 +1,141 @@
+"""Decoding, orientation and letterbox on a device, against PIL and ultralytics' own arithmetic; no models."""
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from inference.device_images import LETTERBOX_GREY, decode_images, letterbox_into, orient
+from inference.image_header import (
+    ImageOutOfBounds,
+    UnreadableImage,
+    check_side_limits,
+    decode_with_pil,
+    read_header,
+)
+from inference.pipeline import bucket_for, bucket_sizes
+from tests.conftest import PHOTOS, REPO
+
+CPU = torch.device("cpu")
+
+
+def encoded(image: Image.Image, image_format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, image_format, **options)
+    return buffer.getvalue()
+
+
+def as_array(pixels: torch.Tensor) -> np.ndarray:
+    return pixels.permute(1, 2, 0).cpu().numpy()
+
+
+@pytest.fixture(scope="module")
+def cat() -> Image.Image:
+    return Image.open(PHOTOS / "cat_chelsea.jpg").convert("RGB")
+
+
+def test_the_header_reader_imports_no_torch():
+    """A gateway checks sizes with it without loading the models' libraries."""
+    code = "import sys, inference.image_header; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_the_header_gives_size_format_and_orientation_without_decoding(cat):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    header = read_header(encoded(cat, "JPEG", exif=exif))
+    assert (header.format, header.width, header.height, header.orientation) == ("JPEG", 451, 300, 6)
+    # A header alone, every pixel cut off: still enough for the size check.
+    truncated = read_header((PHOTOS / "bus.jpg").read_bytes()[:2000])
+    assert (truncated.width, truncated.height) == (768, 1024)
+    with pytest.raises(ImageOutOfBounds, match="768x1024"):
+        check_side_limits(truncated, min_side=15, max_side=720)
+    check_side_limits(truncated, min_side=15, max_side=4096)
+    with pytest.raises(UnreadableImage):
+        read_header(b"GIF89a not accepted")
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_turns_pixels_as_pil_does(cat, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encoded(cat, "JPEG", exif=exif, quality=95)
+    (pixels,) = decode_images([data], CPU)
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    assert np.array_equal(as_array(pixels), expected)
+    assert np.array_equal(as_array(orient(torch.from_numpy(np.array(cat)).permute(2, 0, 1), orientation)),
+                          np.asarray(ImageOps.exif_transpose(_with_orientation(cat, orientation))))
+
+
+def _with_orientation(image: Image.Image, orientation: int) -> Image.Image:
+    copy = image.copy()
+    copy.getexif()[0x0112] = orientation
+    return copy
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "BMP", "WEBP"])
+def test_other_formats_decode_on_the_cpu_like_pil(cat, image_format):
+    options = {"lossless": True} if image_format == "WEBP" else {}
+    data = encoded(cat, image_format, **options)
+    (pixels,) = decode_images([data], CPU)
+    assert np.array_equal(as_array(pixels), np.asarray(cat))
+
+
+def test_a_cmyk_jpeg_goes_to_pil_like_the_reference(cat):
+    data = encoded(cat.convert("CMYK"), "JPEG", quality=95)
+    (pixels,) = decode_images([data], CPU)
+    assert np.array_equal(as_array(pixels), np.asarray(decode_with_pil(data)))
+
+
+def test_transparency_is_shown_over_white_and_grey_becomes_rgb():
+    rgba = Image.new("RGBA", (40, 30), (255, 0, 0, 0))
+    grey = Image.new("L", (40, 30), 77)
+    transparent, grey_pixels = decode_images([encoded(rgba, "PNG"), encoded(grey, "JPEG")], CPU)
+    assert as_array(transparent)[0, 0].tolist() == [255, 255, 255]
+    assert as_array(grey_pixels)[0, 0].tolist() == [77, 77, 77]
+
+
+def test_a_corrupt_jpeg_is_an_error_for_itself_alone():
+    good = (PHOTOS / "coffee.jpg").read_bytes()
+    headers_only, half_scan = good[:600], good[: len(good) // 2]
+    results = decode_images([good, headers_only, b"\xff\xd8\xff garbage", half_scan, good], CPU)
+    assert all(isinstance(result, UnreadableImage) for result in results[1:4])
+    expected = np.asarray(decode_with_pil(good))
+    assert np.array_equal(as_array(results[0]), expected) and np.array_equal(as_array(results[4]), expected)
+
+
+def test_small_images_sit_top_left_at_their_own_size():
+    canvas = torch.full((3, 640, 640), LETTERBOX_GREY, dtype=torch.uint8)
+    pixels = torch.full((3, 57, 50), 200, dtype=torch.uint8)
+    placement = letterbox_into(canvas, pixels)
+    assert (placement.left, placement.top, placement.scale_x, placement.scale_y) == (0, 0, 1.0, 1.0)
+    assert canvas[:, 56, 49].tolist() == [200] * 3 and canvas[:, 57, 50].tolist() == [LETTERBOX_GREY] * 3
+    assert placement.to_image(40, 50, 600, 600) == (40, 50, 50, 57)
+
+
+def test_large_images_shrink_and_centre_with_ultralytics_rounding():
+    from ultralytics.data.augment import LetterBox
+    from ultralytics.utils.ops import scale_boxes
+
+    image = np.random.default_rng(0).integers(0, 256, (1024, 683, 3), dtype=np.uint8)
+    canvas = torch.full((3, 640, 640), LETTERBOX_GREY, dtype=torch.uint8)
+    placement = letterbox_into(canvas, torch.from_numpy(image).permute(2, 0, 1))
+    theirs = LetterBox((640, 640), auto=False)(image=image)
+    ours = as_array(canvas).astype(int)
+    assert ours.shape == theirs.shape
+    # Same placement; pixels differ by rounding only (torch's float bilinear against cv2's fixed point).
+    assert np.abs(ours - theirs).max() <= 2 and np.abs(ours - theirs).mean() < 0.5
+    box = torch.tensor([[100.0, 50.0, 400.0, 600.0]])
+    expected = scale_boxes((640, 640), box.clone(), (1024, 683)).tolist()[0]
+    assert placement.to_image(*box.tolist()[0]) == pytest.approx(expected, abs=1e-3)
+
+
+def test_buckets_are_powers_of_two_up_to_the_largest():
+    assert bucket_sizes(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert bucket_sizes(48) == (1, 2, 4, 8, 16, 32, 48)
+    assert bucket_sizes(1) == (1,)
+    assert [bucket_for(n, bucket_sizes(8)) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
