@@ -60,7 +60,9 @@ def load_image(data: bytes, rules: ImageRules) -> Image.Image:
         raise ImageSizeInvalid(
             f"the image declares far more pixels than {rules.max_side}x{rules.max_side}"
         ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    # ImportError: once ultralytics is imported it wraps Image.open, and on an unidentifiable image
+    # that wrapper tries to import a HEIF plugin (pi_heif) the service does not install.
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, ImportError):
         raise CorruptImage(f"the {image_format} image cannot be decoded") from None
     _check_size(image.size, rules)  # from the header alone: no pixel has been decoded yet
     try:

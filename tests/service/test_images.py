@@ -71,3 +71,12 @@ def test_base64_forms():
         decode_base64(b64[:-3] + "!!!", 10**7)
     with pytest.raises(ImageSizeInvalid):
         decode_base64(b64, 10)
+
+
+def test_an_unidentifiable_image_is_corrupt_even_with_ultralytics_loaded():
+    # ultralytics wraps Image.open on import; an unknown image then raises ImportError (pi_heif)
+    import ultralytics  # noqa: F401
+    from ultralytics.utils import patches  # noqa: F401
+
+    with pytest.raises(CorruptImage):
+        load_image(b"\xff\xd8\xff garbage" * 10, ImageRules(15, 4096))
