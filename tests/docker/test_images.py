@@ -95,13 +95,29 @@ class Stage:
         return [c for c in self.commands if c.cmd == cmd.upper()]
 
 
+def global_args(path: Path) -> dict[str, str]:
+    """The ARGs before the first FROM, with their defaults: what a FROM line may name."""
+    found: dict[str, str] = {}
+    for command in dockerfile.parse_file(str(path)):
+        if command.cmd == "FROM":
+            break
+        if command.cmd == "ARG":
+            for item in command.value:
+                name, _, default = item.partition("=")
+                found[name] = default
+    return found
+
+
 def parse_stages(path: Path) -> list[Stage]:
+    """Stages as BuildKit builds them by default: a FROM that names a global ARG gets its default."""
+    defaults = global_args(path)
     stages: list[Stage] = []
     for command in dockerfile.parse_file(str(path)):
         if command.cmd == "FROM":
             value = command.value
             name = value[2] if len(value) == 3 and value[1].upper() == "AS" else None
-            stages.append(Stage(name, value[0], []))
+            image = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: defaults[m[1] or m[2]], value[0])
+            stages.append(Stage(name, image, []))
         elif stages:
             stages[-1].commands.append(command)
     return stages
@@ -926,12 +942,17 @@ def test_dockerfile_pins_agree_with_pyproject_and_constraints() -> None:
     constraints = _pins(CONSTRAINTS.read_text())
     for name, path in DOCKERFILES.items():
         installs = " ".join(c.value[0] for s in parse_stages(path) for c in s.all("RUN") if "pip install" in c.value[0])
-        pins = _pins(installs)
+        pins: dict[str, set[str]] = {}
+        for package, version in re.findall(r"\b([A-Za-z0-9_.-]+)==([\w.+!-]+)", installs):
+            pins.setdefault(Requirement(package).name.lower(), set()).add(version)
         assert {"torch", "torchvision", "opencv-python-headless"} <= set(pins), path.name
-        for package, version in pins.items():
-            assert Version(version).public == str(Version(constraints[package])), f"{path.name}: {package}=={version}"
-        local = {"cpu": "cpu", "cuda": None}[name]
-        assert Version(pins["torch"]).local == local and Version(pins["torchvision"]).local == local
+        for package, versions in pins.items():
+            for version in versions:
+                assert Version(version).public == str(Version(constraints[package])), f"{path.name}: {package}=={version}"
+        # the CPU image: PyTorch's CPU build by default, the package index's build with TORCH=pypi
+        local = {"cpu": {"cpu", None}, "cuda": {None}}[name]
+        for package in ("torch", "torchvision"):
+            assert {Version(v).local for v in pins[package]} == local, f"{path.name}: {package} {pins[package]}"
 
 
 def test_images_are_labelled_with_the_projects_licence(image) -> None:
