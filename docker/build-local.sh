@@ -10,7 +10,10 @@
 #    index cannot be reached either). pip inside the build uses this machine's pip settings and
 #    local package folders, bind-mounted read-only into each RUN (docker/pip_sources.py); they are
 #    never copied into a layer.
-# 3. The image goes to build/imagetag-cpu.oci.tar, labelled with the commit it was built from.
+# 3. The image goes to build/imagetag-cpu.oci.tar (docker/oci_archive.py finishes it for
+#    `docker load`), labelled with the commit and the exact sources it was built from.
+#
+#   bash docker/build-local.sh --source-id   # prints the sources' id (what the image test compares)
 #
 # Needs root, and `apt-get install buildah debootstrap` (Debian 12). The cache (base rootfs and
 # buildah's storage) is IMAGETAG_BUILD_CACHE, default ~/.cache/imagetag-build; delete it to start
@@ -18,6 +21,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
+
+# Everything the build reads: the context that .dockerignore lets in, and the build's own files.
+sources=(.dockerignore pyproject.toml README.md service inference weights/manifest.toml docker/constraints.txt
+         docker/healthcheck.py docker/Dockerfile docker/build-local.sh docker/pip_sources.py docker/oci_archive.py)
+# The git tree of those files as they are on disk, committed or not (.gitignore applies): equal ids,
+# equal inputs. A commit id alone would not tell an archive built from a modified tree.
+source_id() {
+  local index
+  index=$(mktemp -u)
+  GIT_INDEX_FILE=$index git add -- "${sources[@]}" && GIT_INDEX_FILE=$index git write-tree
+  rm -f "$index"
+}
+if [ "${1:-}" = --source-id ]; then
+  source_id
+  exit 0
+fi
 
 cache=${IMAGETAG_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/imagetag-build}
 archive=${IMAGETAG_IMAGE_ARCHIVE:-$repo/build/imagetag-cpu.oci.tar}
@@ -36,6 +55,8 @@ done
 bah() { buildah --root "$cache/storage" --runroot "$cache/run" --storage-driver vfs "$@"; }
 started=$(date +%s)
 mkdir -p "$cache" "$(dirname "$archive")"
+# leftovers of an interrupted run (the storage is this script's own)
+bah rm --all >/dev/null 2>&1 || true
 
 # ---- 1. the base: same inputs, same cached rootfs and image
 key=$(printf '%s\n' "$suite" "$mirror" "$packages" "base-v1" | sha256sum | cut -c1-12)
@@ -71,31 +92,35 @@ bah run --isolation chroot "$container" python3 --version
 bah rm "$container" >/dev/null
 
 # ---- 2. the image
-revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-# The archive names the commit it was built from; uncommitted changes to what the build reads
-# mark it `-dirty`, so that the image test never mistakes it for the commit's own.
-if [ -n "$(git status --porcelain -- docker/Dockerfile docker/build-local.sh docker/pip_sources.py .dockerignore \
-             pyproject.toml README.md service inference weights/manifest.toml docker/constraints.txt docker/healthcheck.py 2>/dev/null)" ]; then
-  revision=$revision-dirty
-fi
+revision=$(git rev-parse HEAD)
+source=$(source_id)
 pip_dir=$(mktemp -d)
 volumes=(--volume "$pip_dir/pip.conf:/etc/pip.conf:ro")
 while read -r path; do
   volumes+=(--volume "$path:$path:ro")
 done < <(python3 docker/pip_sources.py "$pip_dir")
-echo "== image: buildah bud docker/Dockerfile on $base (revision $revision)"
+echo "== image: buildah bud docker/Dockerfile on $base (commit $revision, sources $source)"
 bah bud --isolation chroot --format docker --layers=false \
   --file docker/Dockerfile \
   --build-arg BASE_IMAGE="$base" --build-arg TORCH=pypi \
   "${volumes[@]}" \
-  --label org.opencontainers.image.revision="$revision" \
+  --label org.opencontainers.image.revision="$revision" --label io.imagetag.source="$source" \
   --tag "$image" .
 rm -rf "$pip_dir"
 
 # ---- 3. the archive
 echo "== archive: $archive"
+work=$(mktemp -d)
+bah inspect --type image "$image" >"$work/inspect.json"
+size=$(bah images --format '{{.Size}}' "$image")
 rm -f "$archive.tmp"
 bah push "$image" "oci-archive:$archive.tmp:imagetag:cpu"
+python3 docker/oci_archive.py "$archive.tmp" "$work/inspect.json" imagetag:cpu
 mv "$archive.tmp" "$archive"
-bah rmi --prune >/dev/null 2>&1 || true
-echo "== done in $(( $(date +%s) - started )) s: $archive ($(du -h "$archive" | cut -f1)), revision $revision"
+rm -rf "$work"
+# Keep only the base: the archive is the product, and vfs keeps a full copy of every image.
+bah rmi "$image" >/dev/null
+bah images --format '{{.Name}}:{{.Tag}} {{.ID}}' | while read -r name id; do
+  case "$name" in "$base") ;; *) bah rmi --force "$id" >/dev/null 2>&1 || true ;; esac
+done
+echo "== done in $(( $(date +%s) - started )) s: $archive ($(du -h "$archive" | cut -f1); image $size unpacked), sources $source"
