@@ -800,6 +800,18 @@ def test_base_images_are_pinned_by_version_and_digest(image, compose_config: dic
             _assert_pinned(spec["image"], f"compose {name}")
 
 
+def test_base_images_are_build_arguments_with_pinned_defaults(image) -> None:
+    """A machine without the registries builds on a base of its own (docker/build-local.sh);
+    without arguments, every FROM is the pinned official image."""
+    name, path, _ = image
+    froms = [c.value[0] for c in dockerfile.parse_file(str(path)) if c.cmd == "FROM"]
+    images = {arg: default for arg, default in global_args(path).items() if arg.endswith("_IMAGE")}
+    assert {"cpu": {"BASE_IMAGE"}, "cuda": {"BASE_IMAGE", "UV_IMAGE"}}[name] == set(images)
+    for arg, default in images.items():
+        assert f"${{{arg}}}" in froms, f"{path.name}: no FROM ${{{arg}}}"
+        _assert_pinned(default, f"{path.name} ARG {arg}")
+
+
 def test_image_pin_check_rejects_floating_tags() -> None:
     for floating in ["python:3.11-slim", "redis:latest@sha256:" + "0" * 64, "redis@sha256:" + "0" * 64, "redis"]:
         with pytest.raises(AssertionError):
