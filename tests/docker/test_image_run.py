@@ -218,7 +218,8 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def group_uids(process: subprocess.Popen, word: str) -> set[int]:
-    """Real uids of the processes in `process`'s group whose command line contains `word`."""
+    """Real uids of the Python processes in `process`'s group running `imagetag <word>` (the
+    server itself; not the root-owned `buildah run` that started it)."""
     uids = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -226,7 +227,8 @@ def group_uids(process: subprocess.Popen, word: str) -> set[int]:
         try:
             if os.getpgid(int(entry.name)) != process.pid:
                 continue
-            if word.encode() not in (entry / "cmdline").read_bytes().split(b"\0"):
+            words = (entry / "cmdline").read_bytes().split(b"\0")
+            if not (Path(words[0].decode()).name.startswith("python") and word.encode() in words):
                 continue
             status = (entry / "status").read_text()
         except (OSError, ProcessLookupError):
