@@ -80,10 +80,10 @@ def mounted_into_the_build() -> list[Path]:
     return pip_sources.local_paths(pip_sources.effective_settings(listing))
 
 
-def source_id() -> str:
+def source_id(flavour: str = "cpu") -> str:
     """The id docker/build-local.sh labels an archive with: its inputs as they are on disk now."""
-    result = subprocess.run(["bash", "docker/build-local.sh", "--source-id"], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(["bash", "docker/build-local.sh", "--source-id", flavour], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -110,24 +110,24 @@ class Archive:
         return self.config.get("config", {}).get("Labels") or {}
 
 
-def find_archive() -> Archive:
-    given = os.environ.get("IMAGETAG_IMAGE_ARCHIVE")
-    path = Path(given) if given else DEFAULT_ARCHIVE
-    wanted = source_id()
+def find_archive(flavour: str, path: Path, required: bool) -> Archive:
+    """The archive at `path` if it was built from these sources (built first with
+    IMAGETAG_IMAGE_BUILD=1); otherwise a failure if `required`, else a skip."""
+    wanted = source_id(flavour)
 
     def built() -> str | None:
         return Archive.read(path).labels.get("io.imagetag.source") if path.is_file() else None
 
     if built() != wanted and os.environ.get("IMAGETAG_IMAGE_BUILD") == "1":
-        result = subprocess.run(["bash", "docker/build-local.sh"], cwd=REPO, capture_output=True, text=True,
+        result = subprocess.run(["bash", "docker/build-local.sh", flavour], cwd=REPO, capture_output=True, text=True,
                                 timeout=BUILD_TIMEOUT_S, env={**os.environ, "IMAGETAG_IMAGE_ARCHIVE": str(path)})
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     found = built()
     if found != wanted:
         why = f"{path} was built from sources {found or '(none)'}, these are {wanted}"
-        if given:
-            pytest.fail(f"IMAGETAG_IMAGE_ARCHIVE: {why}; build it with `bash docker/build-local.sh`")
-        pytest.skip(f"{why}: `bash docker/build-local.sh` first, or IMAGETAG_IMAGE_BUILD=1")
+        if required:
+            pytest.fail(f"{why}; build it with `bash docker/build-local.sh {flavour}`")
+        pytest.skip(f"{why}: `bash docker/build-local.sh {flavour}` first, or IMAGETAG_IMAGE_BUILD=1")
     return Archive.read(path)
 
 
@@ -257,13 +257,12 @@ class Image:
     snapshot: Snapshot
 
 
-@pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
+def loaded(archive: Archive, storage: Path) -> Iterator[Image]:
+    """The archive loaded into a buildah storage of its own, as one container; removed after."""
     if shutil.which("buildah") is None:
         pytest.fail("buildah is needed to run the image (apt-get install buildah; .ci/run installs it)")
-    archive = find_archive()
     assert SHARED_WEIGHTS.joinpath("yolov8n-w8.pt").is_file(), f"no offline weights in {SHARED_WEIGHTS}"
-    container = Container(tmp_path_factory.mktemp("buildah"), f"imagetag-test-{os.getpid()}")
+    container = Container(storage, f"imagetag-test-{os.getpid()}")
     try:
         container.buildah("from", "--name", container.name, f"oci-archive:{archive.path}", timeout=1800)
         root = Path(container.buildah("mount", container.name).stdout.strip())
@@ -274,6 +273,13 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
         container.buildah("rm", "--all", check=False)
         container.buildah("rmi", "--all", "--force", check=False, timeout=600)
         shutil.rmtree(container.storage, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
+    given = os.environ.get("IMAGETAG_IMAGE_ARCHIVE")
+    archive = find_archive("cpu", Path(given) if given else DEFAULT_ARCHIVE, required=bool(given))
+    yield from loaded(archive, tmp_path_factory.mktemp("buildah"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +329,11 @@ def test_the_image_is_configured_as_the_dockerfile_says(image: Image) -> None:
 
 
 def test_no_pip_cache_no_compilers_no_weights_no_secrets(image: Image) -> None:
-    files, dirs = image.snapshot.files, image.snapshot.dirs
+    assert_clean(image.snapshot)
+
+
+def assert_clean(snapshot: Snapshot) -> None:
+    files, dirs = snapshot.files, snapshot.dirs
     caches = [p for p in [*files, *dirs]
               if "/.cache/" in p + "/" or (p.endswith(".whl") and not ENSUREPIP_WHEELS.search(p))]
     assert not caches, caches[:20]
@@ -335,7 +345,7 @@ def test_no_pip_cache_no_compilers_no_weights_no_secrets(image: Image) -> None:
     assert [p for p in [*files, *dirs] if p.startswith("/data/")] == []
     secrets = [p for p in files if SECRET_NAMES.search(p)]
     assert not secrets, secrets
-    assert not image.snapshot.private_keys, image.snapshot.private_keys
+    assert not snapshot.private_keys, snapshot.private_keys
     # The build machine's pip settings and package folders were mounted, never copied, and the
     # empty mount points buildah leaves are gone: a mounted file is absent, or the base's own (the
     # CA bundle, not empty).
@@ -423,15 +433,20 @@ def image_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProce
 
 
 def test_the_worker_serves_jobs_from_redis(image: Image, image_redis: RedisProcess, tmp_path: Path) -> None:
+    serve_a_job_from_redis(image, image_redis, tmp_path, {})
+
+
+def serve_a_job_from_redis(image: Image, redis_server: RedisProcess, tmp_path: Path, env: dict[str, str]) -> None:
+    """`imagetag worker` inside the image tags a photo that a gateway on the host queued in Redis."""
     metrics_port = free_port()
-    env = {"IMAGETAG_REDIS_URL": image_redis.url, "IMAGETAG_METRICS_PORT": str(metrics_port)}
+    env = {"IMAGETAG_REDIS_URL": redis_server.url, "IMAGETAG_METRICS_PORT": str(metrics_port), **env}
     log = tmp_path / "worker.log"
     worker = image.container.start(log, "imagetag", "worker", env=env)
     try:
         wait_for(f"http://127.0.0.1:{metrics_port}/metrics", worker, log)
         assert group_uids(worker, "worker") == {10001}
         # the host's gateway is ready only once a worker heartbeats through Redis
-        host = start_server(tmp_path, env={"IMAGETAG_INFERENCE": "remote", "IMAGETAG_REDIS_URL": image_redis.url,
+        host = start_server(tmp_path, env={"IMAGETAG_INFERENCE": "remote", "IMAGETAG_REDIS_URL": redis_server.url,
                                            "IMAGETAG_MASTER_KEY": MASTER_KEY})
         try:
             response = requests.post(host.url("/v1.0/image/tagging"), timeout=120,
