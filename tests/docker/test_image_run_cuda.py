@@ -44,7 +44,8 @@ def test_the_cuda_image_has_pypis_cuda_torch(cuda_image: Image) -> None:
         "python", "-c", "import cv2, torch, torchvision, ultralytics, service.cli; "
         "print(torch.__version__, torch.version.cuda, torchvision.__version__)")
     assert result.returncode == 0, result.stderr[-3000:]
-    torch_version, cuda, torchvision_version = result.stdout.split()
+    # the last line: importing ultralytics may print its settings notice first
+    torch_version, cuda, torchvision_version = result.stdout.strip().splitlines()[-1].split()
     assert torch_version.startswith("2.14.1") and cuda == "13.0" and torchvision_version.startswith("0.29.1")
 
 

@@ -554,11 +554,24 @@ def test_every_weights_fetch_names_a_verified_manifest_entry() -> None:
 # Settings: every IMAGETAG_* is a real one, with a valid value
 
 
+# Variables of the image build and its tests (docker/build-local.sh, tests/docker/test_image_run.py),
+# not of the service; each must be read where it is said to be.
+BUILD_VARS = {
+    "IMAGETAG_BUILD_CACHE": [DOCKER / "build-local.sh"],
+    "IMAGETAG_IMAGE_ARCHIVE": [DOCKER / "build-local.sh", REPO / "tests" / "docker" / "test_image_run.py"],
+    "IMAGETAG_IMAGE_BUILD": [REPO / "tests" / "docker" / "test_image_run.py"],
+}
+
+
 def test_every_imagetag_variable_in_docker_files_is_a_setting() -> None:
     files = [*DOCKERFILES.values(), COMPOSE, COMPOSE_GPU, ENV_EXAMPLE, DOCKER_README, DOCKER / "healthcheck.py"]
     for path in files:
-        for name in set(re.findall(r"\bIMAGETAG_[A-Z0-9_]+", path.read_text())):
+        for name in set(re.findall(r"\bIMAGETAG_[A-Z0-9_]+", path.read_text())) - set(BUILD_VARS):
             assert name in SETTINGS_VARS, f"{path.name}: {name} is not a field of service.settings.Settings"
+    for name, readers in BUILD_VARS.items():
+        assert name not in SETTINGS_VARS, f"{name} is a setting now; rename the build's variable"
+        for reader in readers:
+            assert name in reader.read_text(), f"{reader.name} does not read {name}"
 
 
 def test_the_settings_check_would_catch_a_typo() -> None:
