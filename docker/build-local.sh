@@ -70,6 +70,10 @@ done
 bah() { buildah --root "$cache/storage" --runroot "$cache/run" --storage-driver vfs "$@"; }
 started=$(date +%s)
 mkdir -p "$cache" "$(dirname "$archive")"
+# One build at a time per cache: runs clean up the storage they share (the machine is shared, and
+# CI may run beside a developer).
+exec 9>"$cache/lock"
+flock 9
 # leftovers of an interrupted run (the storage is this script's own)
 bah rm --all >/dev/null 2>&1 || true
 
