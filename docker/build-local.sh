@@ -74,6 +74,14 @@ mkdir -p "$cache" "$(dirname "$archive")"
 # CI may run beside a developer).
 exec 9>"$cache/lock"
 flock 9
+# vfs keeps a full copy of the filesystem per stage and per commit: the build peaks at about 20 GB
+# (measured). Refuse early rather than fill a disk that others share.
+need_gb=22
+free_gb=$(( $(df --output=avail -k "$cache" | tail -1) / 1024 / 1024 ))
+if [ "$free_gb" -lt "$need_gb" ]; then
+  echo "build-local.sh: $free_gb GB free under $cache, the build needs about $need_gb GB" >&2
+  exit 1
+fi
 # leftovers of an interrupted run (the storage is this script's own)
 bah rm --all >/dev/null 2>&1 || true
 
