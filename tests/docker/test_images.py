@@ -95,13 +95,29 @@ class Stage:
         return [c for c in self.commands if c.cmd == cmd.upper()]
 
 
+def global_args(path: Path) -> dict[str, str]:
+    """The ARGs before the first FROM, with their defaults: what a FROM line may name."""
+    found: dict[str, str] = {}
+    for command in dockerfile.parse_file(str(path)):
+        if command.cmd == "FROM":
+            break
+        if command.cmd == "ARG":
+            for item in command.value:
+                name, _, default = item.partition("=")
+                found[name] = default
+    return found
+
+
 def parse_stages(path: Path) -> list[Stage]:
+    """Stages as BuildKit builds them by default: a FROM that names a global ARG gets its default."""
+    defaults = global_args(path)
     stages: list[Stage] = []
     for command in dockerfile.parse_file(str(path)):
         if command.cmd == "FROM":
             value = command.value
             name = value[2] if len(value) == 3 and value[1].upper() == "AS" else None
-            stages.append(Stage(name, value[0], []))
+            image = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: defaults[m[1] or m[2]], value[0])
+            stages.append(Stage(name, image, []))
         elif stages:
             stages[-1].commands.append(command)
     return stages
@@ -538,11 +554,24 @@ def test_every_weights_fetch_names_a_verified_manifest_entry() -> None:
 # Settings: every IMAGETAG_* is a real one, with a valid value
 
 
+# Variables of the image build and its tests (docker/build-local.sh, tests/docker/test_image_run.py),
+# not of the service; each must be read where it is said to be.
+BUILD_VARS = {
+    "IMAGETAG_BUILD_CACHE": [DOCKER / "build-local.sh"],
+    "IMAGETAG_IMAGE_ARCHIVE": [DOCKER / "build-local.sh", REPO / "tests" / "docker" / "test_image_run.py"],
+    "IMAGETAG_IMAGE_BUILD": [REPO / "tests" / "docker" / "test_image_run.py"],
+}
+
+
 def test_every_imagetag_variable_in_docker_files_is_a_setting() -> None:
     files = [*DOCKERFILES.values(), COMPOSE, COMPOSE_GPU, ENV_EXAMPLE, DOCKER_README, DOCKER / "healthcheck.py"]
     for path in files:
-        for name in set(re.findall(r"\bIMAGETAG_[A-Z0-9_]+", path.read_text())):
+        for name in set(re.findall(r"\bIMAGETAG_[A-Z0-9_]+", path.read_text())) - set(BUILD_VARS):
             assert name in SETTINGS_VARS, f"{path.name}: {name} is not a field of service.settings.Settings"
+    for name, readers in BUILD_VARS.items():
+        assert name not in SETTINGS_VARS, f"{name} is a setting now; rename the build's variable"
+        for reader in readers:
+            assert name in reader.read_text(), f"{reader.name} does not read {name}"
 
 
 def test_the_settings_check_would_catch_a_typo() -> None:
@@ -784,6 +813,18 @@ def test_base_images_are_pinned_by_version_and_digest(image, compose_config: dic
             _assert_pinned(spec["image"], f"compose {name}")
 
 
+def test_base_images_are_build_arguments_with_pinned_defaults(image) -> None:
+    """A machine without the registries builds on a base of its own (docker/build-local.sh);
+    without arguments, every FROM is the pinned official image."""
+    name, path, _ = image
+    froms = [c.value[0] for c in dockerfile.parse_file(str(path)) if c.cmd == "FROM"]
+    images = {arg: default for arg, default in global_args(path).items() if arg.endswith("_IMAGE")}
+    assert {"cpu": {"BASE_IMAGE"}, "cuda": {"BASE_IMAGE", "UV_IMAGE"}}[name] == set(images)
+    for arg, default in images.items():
+        assert f"${{{arg}}}" in froms, f"{path.name}: no FROM ${{{arg}}}"
+        _assert_pinned(default, f"{path.name} ARG {arg}")
+
+
 def test_image_pin_check_rejects_floating_tags() -> None:
     for floating in ["python:3.11-slim", "redis:latest@sha256:" + "0" * 64, "redis@sha256:" + "0" * 64, "redis"]:
         with pytest.raises(AssertionError):
@@ -926,12 +967,17 @@ def test_dockerfile_pins_agree_with_pyproject_and_constraints() -> None:
     constraints = _pins(CONSTRAINTS.read_text())
     for name, path in DOCKERFILES.items():
         installs = " ".join(c.value[0] for s in parse_stages(path) for c in s.all("RUN") if "pip install" in c.value[0])
-        pins = _pins(installs)
+        pins: dict[str, set[str]] = {}
+        for package, version in re.findall(r"\b([A-Za-z0-9_.-]+)==([\w.+!-]+)", installs):
+            pins.setdefault(Requirement(package).name.lower(), set()).add(version)
         assert {"torch", "torchvision", "opencv-python-headless"} <= set(pins), path.name
-        for package, version in pins.items():
-            assert Version(version).public == str(Version(constraints[package])), f"{path.name}: {package}=={version}"
-        local = {"cpu": "cpu", "cuda": None}[name]
-        assert Version(pins["torch"]).local == local and Version(pins["torchvision"]).local == local
+        for package, versions in pins.items():
+            for version in versions:
+                assert Version(version).public == str(Version(constraints[package])), f"{path.name}: {package}=={version}"
+        # the CPU image: PyTorch's CPU build by default, the package index's build with TORCH=pypi
+        local = {"cpu": {"cpu", None}, "cuda": {None}}[name]
+        for package in ("torch", "torchvision"):
+            assert {Version(v).local for v in pins[package]} == local, f"{path.name}: {package} {pins[package]}"
 
 
 def test_images_are_labelled_with_the_projects_licence(image) -> None:
