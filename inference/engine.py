@@ -138,24 +138,7 @@ class TaggingEngine:
         self.predict([Image.new("RGB", (64, 64), (127, 127, 127))])
 
     def predict(self, images: list[Image.Image]) -> list[list[ScoredTag] | ModelError]:
-        try:
-            results = self._predict_batch(images)
-            if len(results) != len(images):
-                raise RuntimeError(f"the models gave {len(results)} results for {len(images)} images")
-            return results
-        except Exception:
-            if len(images) == 1:
-                log.exception("model failure on a single image")
-                return [ModelError("the model failed to process this image")]
-            # A retried batch costs len(images) model calls: never let that pass as mere slowness.
-            log.exception("a batch of %d images failed; retrying them one by one", len(images))
-            if self.failed_batches is not None:
-                self.failed_batches.inc()
-        # One image that breaks the batch must not fail its neighbours: retry them one by one.
-        results: list[list[ScoredTag] | ModelError] = []
-        for image in images:
-            results.extend(self.predict([image]))
-        return results
+        return run_or_retry_each(images, self._predict_batch, self.failed_batches)
 
     def _predict_batch(self, images: list[Image.Image]) -> list[list[ScoredTag]]:
         probabilities = self.classifier.predict(images)
@@ -173,6 +156,26 @@ class TaggingEngine:
             for boxes, more in zip(found, detector.predict(images)):
                 boxes.extend(more)
         return found
+
+
+def run_or_retry_each(items: list, run_batch, failed_batches: FailureCounter | None) -> list:
+    """`run_batch(items)`, one result per item; when the batch fails, each item alone, so that one
+    image that breaks a batch does not fail its neighbours and an image that fails alone gets its
+    `ModelError`."""
+    try:
+        results = run_batch(items)
+        if len(results) != len(items):
+            raise RuntimeError(f"the models gave {len(results)} results for {len(items)} images")
+        return results
+    except Exception:
+        if len(items) == 1:
+            log.exception("model failure on a single image")
+            return [ModelError("the model failed to process this image")]
+        # A retried batch costs len(items) model calls: never let that pass as mere slowness.
+        log.exception("a batch of %d images failed; retrying them one by one", len(items))
+        if failed_batches is not None:
+            failed_batches.inc()
+    return [result for item in items for result in run_or_retry_each([item], run_batch, failed_batches)]
 
 
 def _build_with_fallback(model: str, requested: str, device: torch.device, build):

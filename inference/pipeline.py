@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import io
-import logging
 
 import torch
 from PIL import Image
@@ -35,11 +34,10 @@ from inference.classifier import INPUT_SIZE, crop_and_resize, normalize
 from inference.client import TagResult
 from inference.detector import Box, Detector
 from inference.device_images import LETTERBOX_GREY, Placement, decode_images, letterbox_into
-from inference.engine import EngineConfig, FailureCounter, ModelError, TaggingEngine
+from inference.engine import EngineConfig, FailureCounter, ModelError, TaggingEngine, run_or_retry_each
 from inference.fusion import ScoredTag, fuse
 from inference.image_header import ImageRejected
 
-log = logging.getLogger(__name__)
 
 
 class UndecodableImage(ModelError):
@@ -171,16 +169,7 @@ class DevicePipeline:
             return [result for part in parts for result in self.predict_pixels(part)]
         if not pixels:
             return []
-        try:
-            return self._run_batch(pixels)
-        except Exception:
-            if len(pixels) == 1:
-                log.exception("model failure on a single image")
-                return [ModelError("the model failed to process this image")]
-            log.exception("a batch of %d images failed; retrying them one by one", len(pixels))
-            if self.failed_batches is not None:
-                self.failed_batches.inc()
-        return [result for one in pixels for result in self.predict_pixels([one])]
+        return run_or_retry_each(pixels, self._run_batch, self.failed_batches)
 
     @torch.inference_mode()
     def _run_batch(self, pixels: list[torch.Tensor]) -> list[list[ScoredTag]]:

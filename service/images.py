@@ -7,18 +7,10 @@ import binascii
 import io
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from inference import image_header
 from service.errors import CorruptImage, ImageSizeInvalid, InvalidParameter, UnsupportedImage
-
-# Magic numbers of the accepted formats, checked before PIL sees the bytes so that the many
-# other formats PIL can read (TIFF, GIF, PSD, ...) never reach a decoder.
-_SIGNATURES = {
-    b"\xff\xd8\xff": "JPEG",
-    b"\x89PNG\r\n\x1a\n": "PNG",
-    b"BM": "BMP",
-}
 
 
 @dataclass(frozen=True)
@@ -43,12 +35,12 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
 
 
 def sniff_format(data: bytes) -> str:
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    for signature, name in _SIGNATURES.items():
-        if data.startswith(signature):
-            return name
-    raise UnsupportedImage("the image is not a JPG, PNG, BMP or WEBP file")
+    """The format from the magic numbers, before PIL sees the bytes: the many other formats PIL
+    can read (TIFF, GIF, PSD, ...) never reach a decoder."""
+    try:
+        return image_header.sniff_format(data)
+    except image_header.UnreadableImage as error:
+        raise UnsupportedImage(str(error)) from None
 
 
 def load_image(data: bytes, rules: ImageRules) -> Image.Image:
@@ -73,7 +65,7 @@ def load_image(data: bytes, rules: ImageRules) -> Image.Image:
         image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, TypeError, KeyError):
         pass  # a broken EXIF block is no reason to refuse otherwise good pixels
-    return _to_rgb(image)
+    return image_header.to_rgb(image)
 
 
 def _check_size(size: tuple[int, int], rules: ImageRules) -> None:
@@ -83,16 +75,3 @@ def _check_size(size: tuple[int, int], rules: ImageRules) -> None:
             f"the image is {width}x{height} px; the shortest side must be at least "
             f"{rules.min_side} px and the longest at most {rules.max_side} px"
         )
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        pixels = np.asarray(image, dtype=np.float32)
-        top = 65535.0 if pixels.max(initial=0) > 255 else 255.0
-        image = Image.fromarray((pixels * (255.0 / top)).clip(0, 255).astype(np.uint8), "L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        # Transparent pixels would turn black; white is what a viewer would show behind them.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
