@@ -39,7 +39,6 @@ from inference.fusion import ScoredTag, fuse
 from inference.image_header import ImageRejected
 
 
-
 class UndecodableImage(ModelError):
     """The image was not decoded (unreadable, or a header size outside the limits); carried in
     that image's result slot."""
