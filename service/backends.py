@@ -28,10 +28,10 @@ class Backends:
     redis: Redis | None
 
     async def close(self) -> None:
+        await self.limiter.close()
         await self.store.close()
         if self.redis is not None:
             await self.redis.aclose()
-
 
 
 def redis_client(settings: Settings) -> Redis:

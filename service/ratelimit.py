@@ -86,9 +86,25 @@ def headers(decision: Decision) -> dict[str, str]:
 
 
 class RateLimiter(ABC):
-    @abstractmethod
     async def take(self, buckets: Sequence[Bucket]) -> Decision:
         """Take one token from every bucket if each has one; otherwise take none and deny."""
+        return await self._spend(buckets, 1)
+
+    async def refund(self, buckets: Sequence[Bucket]) -> None:
+        """Give back a token `take` took from each bucket (none beyond its burst)."""
+        await self._spend(buckets, -1)
+
+    @abstractmethod
+    async def _spend(self, buckets: Sequence[Bucket], tokens: int) -> Decision:
+        """Take `tokens` from every bucket if each holds them (a negative count gives them back)."""
+
+    @abstractmethod
+    async def remember(self, key: str, ttl_s: float) -> None:
+        """Note `key` for `ttl_s` seconds; best effort, never raises."""
+
+    @abstractmethod
+    async def remembers(self, key: str) -> bool:
+        """Whether `key` was noted by `remember` and has not expired."""
 
     @abstractmethod
     async def acquire(self, key: str, limit: int) -> Lease | None:
@@ -109,6 +125,9 @@ class RateLimiter(ABC):
         finally:
             await self.release(lease)
 
+    async def close(self) -> None:
+        """Stop background work; the process is shutting down."""
+
 
 def _check(buckets: Sequence[Bucket]) -> None:
     # A key named twice would be read twice and written once, so it would lose a token.
@@ -121,9 +140,10 @@ def _check(buckets: Sequence[Bucket]) -> None:
 _TAKE = """
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local cost = tonumber(ARGV[1])
 local levels, wait_s = {}, 0
 for i, key in ipairs(KEYS) do
-  local rate, burst = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local rate, burst = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
   local state = redis.call('HMGET', key, 'tokens', 'updated_at')
   local level = burst
   if state[1] and state[2] then
@@ -131,22 +151,22 @@ for i, key in ipairs(KEYS) do
     level = math.min(burst, tonumber(state[1]) + math.max(0, now_ms - tonumber(state[2])) * rate / 1000)
   end
   levels[i] = level
-  if level < 1 then wait_s = math.max(wait_s, (1 - level) / rate) end
+  if level < cost then wait_s = math.max(wait_s, (cost - level) / rate) end
 end
 local allowed = wait_s == 0
 local tightest = 1
 for i, key in ipairs(KEYS) do
-  local rate, burst = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local rate, burst = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
   if allowed then
-    levels[i] = levels[i] - 1
+    levels[i] = math.min(burst, levels[i] - cost)
     redis.call('HSET', key, 'tokens', levels[i], 'updated_at', now_ms)
     -- once refilled, a bucket is the same as a missing one, so it may vanish
     redis.call('PEXPIRE', key, math.ceil((burst - levels[i]) * 1000 / rate) + 1000)
   end
   local whole, best = math.floor(levels[i]), math.floor(levels[tightest])
-  if whole < best or (whole == best and burst < tonumber(ARGV[2 * tightest])) then tightest = i end
+  if whole < best or (whole == best and burst < tonumber(ARGV[2 * tightest + 1])) then tightest = i end
 end
-return {allowed and 1 or 0, tonumber(ARGV[2 * tightest]), math.floor(levels[tightest]), math.ceil(wait_s * 1000)}
+return {allowed and 1 or 0, tonumber(ARGV[2 * tightest + 1]), math.floor(levels[tightest]), math.ceil(wait_s * 1000)}
 """
 
 _ACQUIRE = """
@@ -167,8 +187,13 @@ class RedisRateLimiter(RateLimiter):
 
     Every call is bounded by `timeout_s`. After a failure Redis is left alone for `cooldown_s`, so
     during an outage requests get their answer at once instead of each waiting out the bound: with
-    `fail_open` they are allowed, otherwise `RateLimiterUnavailable` is raised. Releases always try,
-    since a skipped one holds a slot until `lease_ttl_s`.
+    `fail_open` they are allowed, otherwise `RateLimiterUnavailable` is raised.
+
+    A release that fails (or an acquire whose reply was lost, which Redis may have applied) is
+    retried every `retry_s` in the background until it succeeds, so a project's capacity is back
+    one round trip after Redis is; the lease TTL only covers a gateway that died holding leases.
+    Retrying beats short leases renewed while requests run: it costs Redis nothing in steady state
+    and frees a slot exactly, where a renewal period trades Redis traffic against recovery time.
     """
 
     def __init__(
@@ -181,11 +206,16 @@ class RedisRateLimiter(RateLimiter):
         lease_ttl_s: float = 60.0,
         prefix: str = "imagetag:ratelimit:",
         warn_every_s: float = 30.0,
+        retry_s: float = 0.2,
     ) -> None:
         self._fail_open = fail_open
         self._timeout_s = timeout_s
         self._cooldown_s = cooldown_s
+        self._lease_ttl_s = lease_ttl_s
         self._lease_ttl_ms = math.ceil(lease_ttl_s * 1000)
+        self._retry_s = retry_s
+        self._unreleased: dict[Lease, float] = {}  # lease -> when Redis expires it anyway
+        self._releasing: asyncio.Task[None] | None = None
         self._prefix = prefix
         # register_script runs EVALSHA and reloads the script on NOSCRIPT (a restarted Redis).
         self._take = client.register_script(_TAKE)
@@ -194,10 +224,10 @@ class RedisRateLimiter(RateLimiter):
         self._skip_until = 0.0
         self._warnings = _ThrottledWarning(warn_every_s)
 
-    async def take(self, buckets: Sequence[Bucket]) -> Decision:
+    async def _spend(self, buckets: Sequence[Bucket], tokens: int) -> Decision:
         _check(buckets)
         keys = [self._prefix + "bucket:" + b.key for b in buckets]
-        args = [x for b in buckets for x in (repr(float(b.rate)), b.burst)]
+        args = [tokens, *(x for b in buckets for x in (repr(float(b.rate)), b.burst))]
         try:
             allowed, limit, remaining, wait_ms = await self._call(lambda: self._take(keys, args), True)
         except RateLimiterUnavailable:
@@ -212,7 +242,9 @@ class RedisRateLimiter(RateLimiter):
         args = [lease.id, limit, self._lease_ttl_ms]
         try:
             granted = await self._call(lambda: self._acquire([self._leases(key)], args), True)
-        except RateLimiterUnavailable:
+        except RateLimiterUnavailable as unavailable:
+            if unavailable.__cause__ is not None:  # sent: Redis may hold the lease though the reply was lost
+                self._release_later(lease)
             if not self._fail_open:
                 raise
             return Lease(key, lease.id, tracked=False)
@@ -222,12 +254,64 @@ class RedisRateLimiter(RateLimiter):
         if not lease.tracked:
             return
         try:
-            await self._call(lambda: self._client.zrem(self._leases(lease.key), lease.id), False)
+            await self._call(lambda: self._client.zrem(self._leases(lease.key), lease.id), True)
         except RateLimiterUnavailable:
-            pass  # already logged; the lease expires by its TTL
+            self._release_later(lease)
+
+    async def remember(self, key: str, ttl_s: float) -> None:
+        noted = self._prefix + "noted:" + key
+        try:
+            await self._call(lambda: self._client.set(noted, 1, px=math.ceil(ttl_s * 1000)), True)
+        except RateLimiterUnavailable:
+            pass  # already logged; forgetting costs only a later exemption
+
+    async def remembers(self, key: str) -> bool:
+        try:
+            return bool(await self._call(lambda: self._client.exists(self._prefix + "noted:" + key), True))
+        except RateLimiterUnavailable:
+            if not self._fail_open:
+                raise
+            return False
+
+    async def close(self) -> None:
+        if self._releasing is not None:
+            self._releasing.cancel()
+            await asyncio.gather(self._releasing, return_exceptions=True)
+        if self._unreleased:  # one last try, so that a restart does not strand them
+            await self._release_pending()
 
     def _leases(self, key: str) -> str:
         return self._prefix + "leases:" + key
+
+    def _release_later(self, lease: Lease) -> None:
+        self._unreleased[lease] = time.monotonic() + self._lease_ttl_s
+        if self._releasing is None or self._releasing.done():
+            self._releasing = asyncio.create_task(self._retry_releases())
+
+    async def _retry_releases(self) -> None:
+        while self._unreleased:
+            await asyncio.sleep(self._retry_s)
+            await self._release_pending()
+
+    async def _release_pending(self) -> None:
+        now = time.monotonic()
+        self._unreleased = {lease: until for lease, until in self._unreleased.items() if until > now}
+        batch = list(self._unreleased)
+        if not batch:
+            return
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for lease in batch:
+                        pipe.zrem(self._leases(lease.key), lease.id)
+                    await pipe.execute()
+        except (RedisError, OSError, TimeoutError):
+            return  # still down; the next round tries again
+        for lease in batch:
+            self._unreleased.pop(lease, None)
+        # Redis answers again: stop turning requests away for the rest of the cool-down.
+        self._skip_until = 0.0
+        self._warnings.recovered()
 
     async def _call(self, call: Callable[[], Awaitable[T]], may_skip: bool) -> T:
         # `call` is a factory so that a skipped call creates no coroutine left unawaited.
@@ -282,16 +366,17 @@ class LocalRateLimiter(RateLimiter):
         self._clock = clock
         self._buckets: dict[str, tuple[float, float, float]] = {}  # key -> tokens, updated_at, full_at
         self._leases: dict[str, dict[str, float]] = {}  # key -> lease id -> expires_at
+        self._noted: dict[str, float] = {}  # key -> expires_at
         self._sweep_at = 0.0
 
-    async def take(self, buckets: Sequence[Bucket]) -> Decision:
+    async def _spend(self, buckets: Sequence[Bucket], tokens: int) -> Decision:
         _check(buckets)
         now = self._clock()
         self._sweep(now)
         levels = [self._level(b, now) for b in buckets]
-        wait_s = max(((1 - level) / b.rate for b, level in zip(buckets, levels) if level < 1), default=0.0)
+        wait_s = max(((tokens - level) / b.rate for b, level in zip(buckets, levels) if level < tokens), default=0.0)
         if wait_s == 0:
-            levels = [level - 1 for level in levels]
+            levels = [min(b.burst, level - tokens) for b, level in zip(buckets, levels)]
             for b, level in zip(buckets, levels):
                 self._buckets[b.key] = (level, now, now + (b.burst - level) / b.rate)
         tightest = min(range(len(buckets)), key=lambda i: (math.floor(levels[i]), buckets[i].burst))
@@ -314,6 +399,12 @@ class LocalRateLimiter(RateLimiter):
         if not held:
             self._leases.pop(lease.key, None)
 
+    async def remember(self, key: str, ttl_s: float) -> None:
+        self._noted[key] = self._clock() + ttl_s
+
+    async def remembers(self, key: str) -> bool:
+        return self._noted.get(key, -math.inf) > self._clock()
+
     def _level(self, bucket: Bucket, now: float) -> float:
         state = self._buckets.get(bucket.key)
         if state is None:
@@ -327,6 +418,7 @@ class LocalRateLimiter(RateLimiter):
             return
         self._sweep_at = now + 60
         self._buckets = {k: s for k, s in self._buckets.items() if s[2] > now}
+        self._noted = {k: t for k, t in self._noted.items() if t > now}
         for key in list(self._leases):
             self._leases[key] = {i: t for i, t in self._leases[key].items() if t > now}
             if not self._leases[key]:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import subprocess
 import sys
 import textwrap
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from pathlib import Path
 
 import pytest
+import requests
 from redis.asyncio import Redis
 
 from service.errors import RateLimited, status_and_code
@@ -29,7 +32,8 @@ from service.ratelimit import (
     headers,
     rejection,
 )
-from tests.conftest import REPO, RedisProcess
+from tests.conftest import REPO, RedisProcess, photo_base64
+from tests.service.fakes import FakeInference, gateway
 
 OpenLimiter = Callable[..., AbstractAsyncContextManager[RateLimiter]]
 
@@ -67,6 +71,17 @@ def private_redis(tmp_path: Path):
     server = RedisProcess(tmp_path)
     server.start()
     yield server
+    server.stop()
+
+
+@pytest.fixture
+def durable_redis(tmp_path: Path):
+    """A private server that keeps its data across a restart, as a production Redis does."""
+    server = RedisProcess(tmp_path, persistent=True)
+    server.start()
+    yield server
+    if server.process is not None:
+        server.process.send_signal(signal.SIGCONT)  # in case the test froze it
     server.stop()
 
 
@@ -141,6 +156,33 @@ def test_retry_after_waits_for_every_bucket(open_limiter: OpenLimiter) -> None:
             # `fast` has refilled, and the denied request did not take it back.
             assert (await limiter.take([fast])).allowed
             assert not (await limiter.take([fast, slow])).allowed
+
+    asyncio.run(scenario())
+
+
+def test_a_refund_gives_a_token_back_up_to_the_burst(open_limiter: OpenLimiter) -> None:
+    bucket = Bucket("login", rate=0.01, burst=2)
+
+    async def scenario() -> None:
+        async with open_limiter() as limiter:
+            await limiter.refund([bucket])  # already full: stays at its burst
+            assert [(await limiter.take([bucket])).allowed for _ in range(3)] == [True, True, False]
+            await limiter.refund([bucket])
+            assert await limiter.take([bucket]) == Decision(True, 2, 0, 0.0)
+            assert not (await limiter.take([bucket])).allowed
+
+    asyncio.run(scenario())
+
+
+def test_remembered_keys_expire(open_limiter: OpenLimiter) -> None:
+    async def scenario() -> None:
+        async with open_limiter() as limiter:
+            assert not await limiter.remembers("alice@10.0.0.1")
+            await limiter.remember("alice@10.0.0.1", 0.3)
+            assert await limiter.remembers("alice@10.0.0.1")
+            assert not await limiter.remembers("alice@10.0.0.2")
+            await asyncio.sleep(0.35)
+            assert not await limiter.remembers("alice@10.0.0.1")
 
     asyncio.run(scenario())
 
@@ -355,6 +397,102 @@ def test_redis_restart_recovers_without_a_new_limiter(private_redis: RedisProces
                 pass
 
     asyncio.run(scenario())
+
+
+async def acquired_within(limiter: RateLimiter, key: str, limit: int, seconds: float) -> float:
+    """How long until `limit` slots can be held at once again; fails after `seconds`."""
+    started = time.monotonic()
+    while True:
+        leases = []
+        try:
+            for _ in range(limit):
+                if (lease := await limiter.acquire(key, limit)) is not None:
+                    leases.append(lease)
+        except RateLimiterUnavailable:
+            pass
+        for lease in leases:
+            await limiter.release(lease)
+        elapsed = time.monotonic() - started
+        if len(leases) == limit:
+            return elapsed
+        assert elapsed < seconds, f"only {len(leases)} of {limit} slots free after {elapsed:.1f} s"
+        await asyncio.sleep(0.05)
+
+
+def test_releases_that_fail_while_redis_is_down_are_retried_when_it_returns(durable_redis: RedisProcess) -> None:
+    async def scenario() -> None:
+        async with redis_limiter(durable_redis.url, timeout_s=0.3, lease_ttl_s=60) as limiter:
+            leases = [await limiter.acquire("p", 3) for _ in range(3)]
+            durable_redis.stop()
+            for lease in leases:
+                await limiter.release(lease)  # fails: Redis is down, and keeps the leases on disk
+            await asyncio.sleep(1)
+            durable_redis.start()
+            assert await acquired_within(limiter, "p", 3, seconds=2) < 2
+            await limiter.close()
+
+    asyncio.run(scenario())
+
+
+def test_releases_and_acquires_that_time_out_leak_no_slot(durable_redis: RedisProcess) -> None:
+    async def scenario() -> None:
+        async with redis_limiter(durable_redis.url, timeout_s=0.3, cooldown_s=0, lease_ttl_s=60) as limiter:
+            held = await limiter.acquire("p", 2)
+            durable_redis.process.send_signal(signal.SIGSTOP)  # hung, not gone: calls time out
+            try:
+                # Written on the pooled connection, so the server runs it when it wakes: a lease
+                # nobody hears of. The timeout drops that connection, so the release then waits
+                # for a new one's handshake and never reaches the server.
+                with pytest.raises(RateLimiterUnavailable):
+                    await limiter.acquire("p", 2)
+                await limiter.release(held)
+            finally:
+                durable_redis.process.send_signal(signal.SIGCONT)
+            assert await acquired_within(limiter, "p", 2, seconds=2) < 2
+
+    asyncio.run(scenario())
+
+
+def test_closing_tries_the_pending_releases_once_more(durable_redis: RedisProcess) -> None:
+    prefix = f"test:{uuid.uuid4().hex}:"
+
+    async def scenario() -> None:
+        async with redis_limiter(durable_redis.url, prefix=prefix, timeout_s=0.3, retry_s=3600) as limiter:
+            lease = await limiter.acquire("p", 1)
+            durable_redis.stop()
+            await limiter.release(lease)
+            durable_redis.start()
+            await limiter.close()  # the hour-long retry period never came round
+            async with redis_limiter(durable_redis.url, prefix=prefix) as other_gateway:
+                assert await other_gateway.acquire("p", 1) is not None
+
+    asyncio.run(scenario())
+
+
+def test_an_outage_with_requests_in_flight_costs_no_capacity_after_it(durable_redis: RedisProcess, tmp_path) -> None:
+    """Over HTTP: 8 requests hold every slot when Redis stops; once it is back, all 8 are free."""
+    slots = 8
+    body = {"image": photo_base64("cat_chelsea.jpg")}
+    with gateway(tmp_path, FakeInference(delay_s=1.5), redis_url=durable_redis.url, master_key="k",
+                 max_concurrent_per_project=slots, rate_limit_per_s=1000, rate_limit_burst=1000) as server:
+
+        def tag(_=None) -> int:
+            return requests.post(server.url("/v1.0/image/tagging"), json=body, timeout=30).status_code
+
+        with ThreadPoolExecutor(slots) as pool:
+            in_flight = [pool.submit(tag) for _ in range(slots)]
+            time.sleep(0.5)  # all admitted, none finished
+            durable_redis.stop()
+            assert [f.result() for f in in_flight] == [200] * slots  # their releases failed
+        durable_redis.start()
+        back = time.monotonic()
+        with ThreadPoolExecutor(slots) as pool:
+            while True:
+                round_started = time.monotonic() - back
+                if (statuses := list(pool.map(tag, range(slots)))) == [200] * slots:
+                    break
+                assert round_started < 2, statuses
+        assert round_started < 2
 
 
 # Helpers for the gateway
