@@ -78,6 +78,7 @@ def build_components(
             burst=settings.rate_limit_burst,
             max_concurrent_per_project=settings.max_concurrent_per_project,
             login_per_minute=settings.login_attempts_per_minute,
+            login_failures_per_hour=settings.login_failures_per_hour,
         ),
     )
     iam_enabled = settings.auth_mode == "iam"

@@ -97,6 +97,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         ssl_certfile=settings.tls_certfile,
         ssl_keyfile=settings.tls_keyfile,
         log_level=settings.log_level,
+        # uvicorn would believe X-Forwarded-For from loopback; the gateway reads it itself, and
+        # only from IMAGETAG_TRUSTED_PROXIES (service/deps.client_host).
+        proxy_headers=False,
     )
     return 0
 

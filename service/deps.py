@@ -11,6 +11,7 @@ from fastapi import Depends, Request, Response
 
 from service.auth.authenticator import IncomingRequest, Principal
 from service.errors import BodyTooLarge, InvalidJson, InvalidParameter
+from service.networks import client_address
 
 # The SDK sends this literal (URL-decoded) when it was given no project id.
 _UNSET_PROJECT = "{project_id}"
@@ -61,6 +62,16 @@ def path_project(request: Request) -> str | None:
 
 
 PathProject = Annotated[str | None, Depends(path_project)]
+
+
+def client_host(request: Request) -> str | None:
+    """The client's address: the peer's, or behind IMAGETAG_TRUSTED_PROXIES the one they forward."""
+    peer = request.client.host if request.client else None
+    proxies = request.app.state.settings.proxy_networks()
+    return client_address(peer, request.headers.getlist("x-forwarded-for"), proxies)
+
+
+ClientHost = Annotated[str | None, Depends(client_host)]
 
 
 def incoming(request: Request, body: bytes) -> IncomingRequest:

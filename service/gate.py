@@ -6,8 +6,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from service.errors import InvalidCredentials
 from service.identity.models import Project
-from service.ratelimit import Bucket, RateLimiter, headers, rejection
+from service.ratelimit import Bucket, RateLimiter, RateLimiterUnavailable, headers, rejection
+
+# How long a successful login makes its address one the user may always try from.
+KNOWN_ADDRESS_TTL_S = 30 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -16,6 +20,7 @@ class Limits:
     burst: int
     max_concurrent_per_project: int
     login_per_minute: float
+    login_failures_per_hour: float
 
 
 class Gate:
@@ -37,13 +42,46 @@ class Gate:
         async with self.limiter.concurrency(f"project:{project_key}", self.limits.max_concurrent_per_project):
             yield headers(decision)
 
-    async def check_login(self, user_key: str, client_host: str | None) -> None:
-        """Counts a password attempt per user and per client address, against brute force."""
-        rate = self.limits.login_per_minute / 60
-        burst = max(1, int(self.limits.login_per_minute))
-        buckets = [Bucket(f"login:user:{user_key}", rate, burst)]
-        if client_host:
-            buckets.append(Bucket(f"login:addr:{client_host}", rate * 5, burst * 5))
+    @asynccontextmanager
+    async def password_attempt(self, user_key: str, client_host: str | None) -> AsyncIterator[None]:
+        """Counts the block as a failed password attempt when it raises `InvalidCredentials`.
+
+        Failures are limited per user and address, so a guesser locks out only its own address;
+        per address (5x), against one address trying many users; and, more slowly, per user from
+        addresses new to that user, against guessers on many addresses. An address the user has
+        logged in from in the last 30 days skips that brake, so that nobody can lock a user out.
+        The attempt is counted before the password is checked, so parallel guesses cannot outrun
+        the count, and given back when the password was right.
+        """
+        address = client_host or "unknown"
+        per_minute = self.limits.login_per_minute
+        buckets = [
+            _per(f"login:user-address:{user_key}|{address}", per_minute, 60),
+            _per(f"login:address:{address}", 5 * per_minute, 60),
+        ]
+        known = f"login:known:{user_key}|{address}"
+        if not await self.limiter.remembers(known):
+            buckets.append(_per(f"login:user:{user_key}", self.limits.login_failures_per_hour, 3600))
         decision = await self.limiter.take(buckets)
         if not decision.allowed:
             raise rejection(decision)
+        try:
+            yield
+        except InvalidCredentials:
+            raise  # a failure: it stays counted
+        except Exception:
+            await self._give_back(buckets)
+            raise
+        await self._give_back(buckets)
+        await self.limiter.remember(known, KNOWN_ADDRESS_TTL_S)
+
+    async def _give_back(self, buckets: list[Bucket]) -> None:
+        try:
+            await self.limiter.refund(buckets)
+        except RateLimiterUnavailable:
+            pass  # logged by the limiter; the attempt stays counted, which costs the user one try
+
+
+def _per(key: str, count: float, seconds: int) -> Bucket:
+    """`count` per `seconds`, all of which may come at once."""
+    return Bucket(key, count / seconds, max(1, int(count)))

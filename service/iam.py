@@ -31,11 +31,11 @@ class IamService:
         credentials = request.auth.identity.password.user
         domain = await self._domain(credentials.domain)
         domain_name = domain.name if domain else (credentials.domain.name or "")
-        await self.gate.check_login(f"{domain_name}/{credentials.name}", client_host)
-        # Unknown accounts go through the same slow password check, so timing tells nothing.
-        user = await self.store.authenticate(domain_name, credentials.name, credentials.password)
-        if user is None or domain is None:
-            raise InvalidCredentials("the account, user name or password is wrong")
+        async with self.gate.password_attempt(f"{domain_name}/{credentials.name}", client_host):
+            # Unknown accounts go through the same slow password check, so timing tells nothing.
+            user = await self.store.authenticate(domain_name, credentials.name, credentials.password)
+            if user is None or domain is None:
+                raise InvalidCredentials("the account, user name or password is wrong")
         project = await self._project(domain, request.auth.scope.project)
         token, record = await self.store.issue_token(user.id, project.id, self.token_ttl)
         return token, wire.TokenResponse(token=_token(record, user, domain, project, with_catalog, base_url))

@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     clock_skew_s: int = Field(15 * 60, ge=0, description="accepted X-Sdk-Date skew")
     trusted_proxies: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="comma-separated CIDRs of proxies whose X-Forwarded-Host is the signed Host",
+        description="comma-separated CIDRs of proxies whose X-Forwarded-Host is the signed Host and whose "
+        "X-Forwarded-For names the client (for the login limits); unset: no forwarded header is believed",
     )
 
     # Rate limits (per project and per access key; projects may override)
@@ -62,7 +63,14 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(40, ge=1)
     max_concurrent_per_project: int = Field(10, ge=1)
     rate_limit_fail_open: bool = Field(False, description="allow requests when Redis is unreachable")
-    login_attempts_per_minute: float = Field(10.0, gt=0, description="per user and per client address")
+    login_attempts_per_minute: float = Field(
+        10.0, gt=0, description="failed password attempts per user and client address (5x per address)"
+    )
+    login_failures_per_hour: float = Field(
+        100.0, gt=0,
+        description="failed password attempts per user from all addresses it has not logged in from in 30 days; "
+        "past it only those it has may try",
+    )
 
     # Models
     weights_dir: Path = Field(Path("weights"), description="where `imagetag weights fetch` saves")

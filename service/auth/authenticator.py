@@ -6,7 +6,6 @@ wire bytes, and get a `Principal` or one of the catalogue's errors back.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -16,7 +15,7 @@ from service.auth.signing import ALGORITHM, RequestToSign, parse_authorization, 
 from service.errors import InvalidCredentials, MissingCredentials, ProjectForbidden
 from service.identity.models import Project
 from service.identity.store import IdentityStore
-from service.networks import IPNetwork
+from service.networks import IPNetwork, within
 
 
 @dataclass(frozen=True)
@@ -94,18 +93,9 @@ class Authenticator:
     def _as_signed(self, request: IncomingRequest) -> Mapping[str, str]:
         """The headers as the client signed them: behind a trusted proxy, the original Host."""
         forwarded = request.headers.get("x-forwarded-host")
-        if not forwarded or not self._from_trusted_proxy(request.client_host):
+        if not forwarded or not within(request.client_host, self.trusted_proxies):
             return request.headers
         return {**request.headers, "host": forwarded.split(",")[0].strip()}
-
-    def _from_trusted_proxy(self, client_host: str | None) -> bool:
-        if client_host is None:
-            return False
-        try:
-            address = ipaddress.ip_address(client_host)
-        except ValueError:
-            return False
-        return any(address in network for network in self.trusted_proxies)
 
     async def _scoped(self, principal: Principal, wanted: str | None) -> Principal:
         if principal.project is not None:

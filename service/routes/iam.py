@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.deps import DomainCaller, RawBody, json_object
+from service.deps import ClientHost, DomainCaller, RawBody, json_object
 from service.errors import InvalidParameter
 from service.iam import IamService
 from service.protocol.common import ErrorBody
@@ -33,10 +33,12 @@ Iam = Annotated[IamService, Depends(iam_service)]
     openapi_extra={"requestBody": {"content": {"application/json": {"schema": TokenRequest.model_json_schema()}}}},
     summary="Password login: a project-scoped token in X-Subject-Token",
 )
-async def create_token(request: Request, body: RawBody, iam: Iam, nocatalog: str | None = None) -> JSONResponse:
+async def create_token(
+    request: Request, body: RawBody, iam: Iam, client_host: ClientHost, nocatalog: str | None = None
+) -> JSONResponse:
     token, response = await iam.login(
         TokenRequest.parse(json_object(body)),
-        client_host=request.client.host if request.client else None,
+        client_host=client_host,
         with_catalog=nocatalog is None,
         base_url=str(request.base_url).rstrip("/"),
     )

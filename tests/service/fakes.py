@@ -88,7 +88,7 @@ def gateway(data_dir: Path, inference: FakeInference | None = None, **settings: 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(
         app, host="127.0.0.1", port=port, log_level="warning",
-        ssl_certfile=built.tls_certfile, ssl_keyfile=built.tls_keyfile,
+        ssl_certfile=built.tls_certfile, ssl_keyfile=built.tls_keyfile, proxy_headers=False,  # as `imagetag serve`
     ))
     thread = threading.Thread(target=server.run, name=f"gateway-{port}", daemon=True)
     thread.start()

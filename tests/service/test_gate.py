@@ -7,12 +7,13 @@ from datetime import UTC, datetime
 
 import pytest
 
-from service.errors import RateLimited
+from service.errors import InvalidCredentials, RateLimited
 from service.gate import Gate, Limits
 from service.identity.models import Project
 from service.ratelimit import LocalRateLimiter
 
-LIMITS = Limits(rate_per_s=0.001, burst=3, max_concurrent_per_project=1, login_per_minute=2)
+LIMITS = Limits(rate_per_s=0.001, burst=3, max_concurrent_per_project=1, login_per_minute=2,
+                login_failures_per_hour=6)
 
 
 def project(**overrides) -> Project:
@@ -62,18 +63,76 @@ def test_the_concurrency_cap_holds_for_the_whole_request():
     asyncio.run(main())
 
 
-def test_password_attempts_are_limited_per_user_and_per_address():
+async def attempt(gate: Gate, user: str, address: str | None, *, right: bool, seconds: float = 0) -> None:
+    """A login whose password check takes `seconds` and finds the password right or wrong."""
+    async with gate.password_attempt(user, address):
+        await asyncio.sleep(seconds)
+        if not right:
+            raise InvalidCredentials("the account, user name or password is wrong")
+
+
+def test_password_failures_are_limited_per_user_and_address_and_per_address():
     gate = Gate(LocalRateLimiter(), LIMITS)
 
     async def main() -> None:
         for _ in range(2):
-            await gate.check_login("acme/alice", "10.0.0.1")
-        with pytest.raises(RateLimited):
-            await gate.check_login("acme/alice", "10.0.0.2")
+            with pytest.raises(InvalidCredentials):
+                await attempt(gate, "acme/alice", "10.0.0.1", right=False)
+        with pytest.raises(RateLimited):  # this address has had its tries, even with the right password
+            await attempt(gate, "acme/alice", "10.0.0.1", right=True)
+        await attempt(gate, "acme/alice", "10.0.0.2", right=True)  # the user elsewhere is not locked out
         for user in ("bob", "carol", "dave", "erin", "frank"):  # an address gets 5x a user's budget
             for _ in range(2):
-                await gate.check_login(f"acme/{user}", "10.0.0.9")
+                with pytest.raises(InvalidCredentials):
+                    await attempt(gate, f"acme/{user}", "10.0.0.9", right=False)
         with pytest.raises(RateLimited):
-            await gate.check_login("acme/grace", "10.0.0.9")
+            await attempt(gate, "acme/grace", "10.0.0.9", right=False)
+
+    asyncio.run(main())
+
+
+def test_right_passwords_and_other_errors_are_not_failures():
+    gate = Gate(LocalRateLimiter(), LIMITS)
+
+    async def main() -> None:
+        for _ in range(10):
+            await attempt(gate, "acme/alice", "10.0.0.1", right=True)
+        for _ in range(10):
+            with pytest.raises(ConnectionError):
+                async with gate.password_attempt("acme/alice", "10.0.0.1"):
+                    raise ConnectionError("the store is down: nothing was learnt about the password")
+        for _ in range(2):
+            with pytest.raises(InvalidCredentials):
+                await attempt(gate, "acme/alice", "10.0.0.1", right=False)
+
+    asyncio.run(main())
+
+
+def test_parallel_guesses_cannot_outrun_the_count():
+    gate = Gate(LocalRateLimiter(), LIMITS)
+
+    async def main() -> list[BaseException | None]:
+        guesses = [attempt(gate, "acme/alice", "10.0.0.1", right=False, seconds=0.05) for _ in range(6)]
+        return await asyncio.gather(*guesses, return_exceptions=True)
+
+    outcomes = [type(outcome) for outcome in asyncio.run(main())]
+    assert sorted(outcome.__name__ for outcome in outcomes) == ["InvalidCredentials"] * 2 + ["RateLimited"] * 4
+
+
+def test_the_brake_stops_guessers_on_many_addresses_but_not_the_user_where_they_logged_in():
+    gate = Gate(LocalRateLimiter(), LIMITS)  # 6 failures an hour from addresses new to the user
+
+    async def main() -> None:
+        await attempt(gate, "acme/alice", "10.0.0.1", right=True)  # alice's own address
+        for address in ("10.0.1.1", "10.0.1.2", "10.0.1.3"):
+            for _ in range(2):
+                with pytest.raises(InvalidCredentials):
+                    await attempt(gate, "acme/alice", address, right=False)
+        with pytest.raises(RateLimited):
+            await attempt(gate, "acme/alice", "10.0.1.4", right=False)
+        with pytest.raises(RateLimited):  # a new address waits, right password or not
+            await attempt(gate, "acme/alice", "10.0.1.5", right=True)
+        await attempt(gate, "acme/alice", "10.0.0.1", right=True)
+        await attempt(gate, "acme/bob", "10.0.1.4", right=True)  # other users are not braked
 
     asyncio.run(main())

@@ -53,7 +53,7 @@ def run(tmp_path, test, login_per_minute: float = 100):
         east = await store.create_project(acme.id, "cn-east-3")
         elsewhere = await store.create_project(other.id, "cn-north-4")
         gate = Gate(LocalRateLimiter(), Limits(rate_per_s=10, burst=10, max_concurrent_per_project=1,
-                                               login_per_minute=login_per_minute))
+                                               login_per_minute=login_per_minute, login_failures_per_hour=100))
         try:
             iam = IamService(store, gate, timedelta(hours=2))
             return await test(Accounts(iam, store, acme, north, east, elsewhere))
@@ -128,6 +128,19 @@ def test_password_attempts_are_counted_before_the_password_is_checked(tmp_path):
                 await login(a.iam, unknown, client_host=None)
         with pytest.raises(RateLimited):
             await login(a.iam, unknown, client_host=None)
+
+    run(tmp_path, test, login_per_minute=2)
+
+
+def test_a_right_password_from_another_address_is_accepted(tmp_path):
+    async def test(a: Accounts) -> None:
+        for _ in range(2):
+            with pytest.raises(InvalidCredentials):
+                await login(a.iam, login_request(password="wrong"), client_host="198.51.100.7")
+        with pytest.raises(RateLimited):
+            await login(a.iam, login_request(), client_host="198.51.100.7")
+        for _ in range(5):  # and right ones are never counted
+            await login(a.iam, login_request(), client_host="192.0.2.1")
 
     run(tmp_path, test, login_per_minute=2)
 

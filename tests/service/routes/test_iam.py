@@ -11,11 +11,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlparse
 
+import httpx
 import pytest
 import requests
 from huaweicloudsdkcore.auth.credentials import BasicCredentials, GlobalCredentials
@@ -36,7 +38,7 @@ from huaweicloudsdkiam.v3 import (
 )
 from huaweicloudsdkimage.v2 import ImageClient, ImageTaggingReq, RunImageTaggingRequest
 
-from tests.conftest import REPO, RedisProcess, photo_base64
+from tests.conftest import REPO, RedisProcess, photo_base64, start_server, stop_server
 from tests.service.fakes import gateway
 
 MASTER_KEY = "test-master-key-for-the-iam-suite"
@@ -92,13 +94,21 @@ def deployment(tmp_path_factory):
     redis_server.stop()
 
 
-def login(base_url: str, dev: dict, project: dict | None = None, **params) -> requests.Response:
-    body = {"auth": {
+def login_body(dev: dict, project: dict | None = None) -> dict:
+    return {"auth": {
         "identity": {"methods": ["password"], "password": {"user": {
             "domain": {"name": dev["domain"]}, "name": dev["user"], "password": dev["password"]}}},
         "scope": {"project": project or {"name": dev["project_name"]}},
     }}
-    return requests.post(f"{base_url}/v3/auth/tokens", json=body, params=params, timeout=30)
+
+
+def login(base_url: str, dev: dict, project: dict | None = None, **params) -> requests.Response:
+    return requests.post(f"{base_url}/v3/auth/tokens", json=login_body(dev, project), params=params, timeout=30)
+
+
+def client_at(address: str) -> httpx.Client:
+    """A client whose connections come from `address` (any 127.x.y.z is this machine)."""
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=30)
 
 
 def signed(base_url: str, ak: str, sk: str, path: str, body: bytes, headers: dict | None = None,
@@ -326,6 +336,95 @@ def test_wrong_password_and_login_brute_force(deployment):
     limited = login(deployment.url, bob)  # even the right password must wait now
     assert_error(limited, 429, "APIG.0308")
     assert int(limited.headers["Retry-After"]) >= 1
+
+
+@pytest.fixture(params=["redis", "embedded"])
+def login_target(request, tmp_path):
+    """(gateway URL, a user of its own) on the shared-Redis deployment or on the embedded store."""
+    if request.param == "redis":
+        deployment = request.getfixturevalue("deployment")
+        name = f"user-{time.monotonic_ns()}"
+        admin(deployment.env, "users", "create", "--domain", "other", name, "--password", "right-password-1")
+        yield deployment.url, {"domain": "other", "user": name, "password": "right-password-1",
+                               "project_name": "cn-north-4"}
+        return
+    data = tmp_path / "data"
+    dev = json.loads(admin({"IMAGETAG_DATA_DIR": str(data)}, "dev-credentials", "--json"))
+    with gateway(data, auth_mode="iam") as server:
+        yield server.base_url, dev
+
+
+def test_a_guesser_polling_from_one_address_cannot_keep_the_user_out(login_target):
+    url, user = login_target
+    wrong = [{**user, "password": f"guess-{i}"} for i in range(5)]
+    guesses: list[int] = []
+    stop = threading.Event()
+
+    def guess() -> None:
+        with client_at("127.0.0.2") as attacker:
+            while not stop.is_set():
+                body = login_body(wrong[len(guesses) % len(wrong)])
+                guesses.append(attacker.post(f"{url}/v3/auth/tokens", json=body).status_code)
+                time.sleep(0.1)
+
+    guesser = threading.Thread(target=guess)
+    guesser.start()
+    started = time.monotonic()
+    try:
+        time.sleep(2)  # the guesser has used up its address's tries
+        with client_at("127.0.0.3") as real_user:
+            logins = []
+            for _ in range(30):
+                logins.append(real_user.post(f"{url}/v3/auth/tokens", json=login_body(user)).status_code)
+                time.sleep(0.1)
+    finally:
+        stop.set()
+        guesser.join()
+    assert logins == [201] * 30
+    assert set(guesses) == {401, 429}
+    # 10 failures a minute per user and address (the default), all at once at first.
+    assert guesses.count(401) <= 10 + (time.monotonic() - started) / 6 + 1, guesses
+    assert guesses.count(429) > 20
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """`imagetag serve` itself (as operators run it: uvicorn as the CLI configures it), embedded store."""
+    directory = tmp_path_factory.mktemp("serve")
+    env = {"IMAGETAG_AUTH_MODE": "iam", "IMAGETAG_DATA_DIR": str(directory / "data")}
+    dev = json.loads(admin(env, "dev-credentials", "--json"))
+    server = start_server(directory, env=env)
+    yield server, dev
+    stop_server(server)
+
+
+def test_a_spoofed_x_forwarded_for_buys_no_fresh_tries(served):
+    server, dev = served
+    wrong = {**dev, "password": "not-the-password"}
+    statuses = [
+        requests.post(server.url("/v3/auth/tokens"), json=login_body(wrong), timeout=30,
+                      headers={"X-Forwarded-For": f"198.51.100.{i}"}).status_code
+        for i in range(15)
+    ]
+    assert statuses == [401] * 10 + [429] * 5
+
+
+def test_behind_a_trusted_proxy_the_forwarded_client_is_limited(tmp_path):
+    data = tmp_path / "data"
+    dev = json.loads(admin({"IMAGETAG_DATA_DIR": str(data)}, "dev-credentials", "--json"))
+    wrong = {**dev, "password": "not-the-password"}
+    with gateway(data, auth_mode="iam", trusted_proxies=["127.0.0.1/32"]) as proxied:
+
+        def through_proxy(user: dict, forwarded_for: str) -> int:
+            # The proxy appends the address it was connected from to whatever the client sent.
+            return requests.post(proxied.url("/v3/auth/tokens"), json=login_body(user), timeout=30,
+                                 headers={"X-Forwarded-For": forwarded_for}).status_code
+
+        assert [through_proxy(wrong, "198.51.100.66") for _ in range(10)] == [401] * 10
+        assert through_proxy(wrong, "198.51.100.66") == 429
+        # The guesser claims to be the user: the proxy's hop after it still names the guesser.
+        assert through_proxy(dev, "198.51.100.7, 198.51.100.66") == 429
+        assert through_proxy(dev, "198.51.100.7") == 201  # the real user, behind the same proxy
 
 
 # --- limits shared through Redis ----------------------------------------------------------------
