@@ -79,6 +79,7 @@ def build_components(
             max_concurrent_per_project=settings.max_concurrent_per_project,
             login_per_minute=settings.login_attempts_per_minute,
             login_failures_per_hour=settings.login_failures_per_hour,
+            max_concurrent_downloads_per_project=settings.max_concurrent_downloads_per_project,
         ),
     )
     iam_enabled = settings.auth_mode == "iam"

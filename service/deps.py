@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request, Response
 
 from service.auth.authenticator import IncomingRequest, Principal
 from service.errors import BodyTooLarge, InvalidJson, InvalidParameter
+from service.gate import Admission
 from service.networks import client_address
 
 # The SDK sends this literal (URL-decoded) when it was given no project id.
@@ -96,19 +96,17 @@ async def caller(request: Request, body: RawBody, project_id: PathProject) -> Pr
 Caller = Annotated[Principal | None, Depends(caller)]
 
 
-async def admitted(
-    request: Request, response: Response, principal: Caller, project_id: PathProject
-) -> AsyncIterator[Principal | None]:
-    """Rate limits and the per-project concurrency cap, held for the whole request."""
+async def admitted(request: Request, response: Response, principal: Caller, project_id: PathProject) -> Admission:
+    """Past the rate limits; the concurrency slots are taken where the work is (service/tagging)."""
     project = principal.project if principal else None
     project_key = project.id if project else (project_id or "anonymous")
     access_key = principal.access_key if principal else None
-    async with request.app.state.gate.admit(project_key, project, access_key) as rate_headers:
-        response.headers.update(rate_headers)
-        yield principal
+    admission = await request.app.state.gate.admit(project_key, project, access_key)
+    response.headers.update(admission.headers)
+    return admission
 
 
-Admitted = Annotated[Principal | None, Depends(admitted)]
+Admitted = Annotated[Admission, Depends(admitted)]
 
 
 async def domain_caller(request: Request, body: RawBody) -> Principal:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
 from service.errors import InvalidCredentials
 from service.identity.models import Project
-from service.ratelimit import Bucket, RateLimiter, RateLimiterUnavailable, headers, rejection
+from service.ratelimit import Bucket, Lease, RateLimiter, RateLimiterUnavailable, headers, rejection
 
 # How long a successful login makes its address one the user may always try from.
 KNOWN_ADDRESS_TTL_S = 30 * 24 * 3600
@@ -21,6 +21,28 @@ class Limits:
     max_concurrent_per_project: int
     login_per_minute: float
     login_failures_per_hour: float
+    max_concurrent_downloads_per_project: int
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A request past the rate limits. It holds a project's concurrency slot only while it uses
+    one, so that a slow `url` download does not keep the project's other requests from the models."""
+
+    limiter: RateLimiter
+    limits: Limits
+    project_key: str
+    headers: dict[str, str]  # X-RateLimit-*
+
+    def inference(self) -> AbstractAsyncContextManager[Lease]:
+        """One of the project's `max_concurrent_per_project` slots; 429 at once when none is free."""
+        return self.limiter.concurrency(f"project:{self.project_key}", self.limits.max_concurrent_per_project)
+
+    def download(self) -> AbstractAsyncContextManager[Lease]:
+        """One of the project's download slots, a budget of their own; 429 at once when none is free."""
+        return self.limiter.concurrency(
+            f"downloads:{self.project_key}", self.limits.max_concurrent_downloads_per_project
+        )
 
 
 class Gate:
@@ -28,9 +50,8 @@ class Gate:
         self.limiter = limiter
         self.limits = limits
 
-    @asynccontextmanager
-    async def admit(self, project_key: str, project: Project | None, access_key: str | None) -> AsyncIterator[dict[str, str]]:
-        """Holds a concurrency slot for the block; yields the X-RateLimit-* headers."""
+    async def admit(self, project_key: str, project: Project | None, access_key: str | None) -> Admission:
+        """Takes the request's tokens from the rate limits; 429 when a bucket is empty."""
         rate = (project.rate_per_second if project else None) or self.limits.rate_per_s
         burst = (project.burst if project else None) or self.limits.burst
         buckets = [Bucket(f"project:{project_key}", rate, burst)]
@@ -39,8 +60,7 @@ class Gate:
         decision = await self.limiter.take(buckets)
         if not decision.allowed:
             raise rejection(decision)
-        async with self.limiter.concurrency(f"project:{project_key}", self.limits.max_concurrent_per_project):
-            yield headers(decision)
+        return Admission(self.limiter, self.limits, project_key, headers(decision))
 
     @asynccontextmanager
     async def password_attempt(self, user_key: str, client_host: str | None) -> AsyncIterator[None]:

@@ -61,7 +61,10 @@ class Settings(BaseSettings):
     # Rate limits (per project and per access key; projects may override)
     rate_limit_per_s: float = Field(20.0, gt=0)
     rate_limit_burst: int = Field(40, ge=1)
-    max_concurrent_per_project: int = Field(10, ge=1)
+    max_concurrent_per_project: int = Field(10, ge=1, description="requests decoding or in the models at once")
+    max_concurrent_downloads_per_project: int = Field(
+        5, ge=1, description="`url` downloads at once; they hold none of the slots above"
+    )
     rate_limit_fail_open: bool = Field(False, description="allow requests when Redis is unreachable")
     login_attempts_per_minute: float = Field(
         10.0, gt=0, description="failed password attempts per user and client address (5x per address)"

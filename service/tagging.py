@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import Protocol
 
 from PIL import Image
 
@@ -48,6 +50,14 @@ class TaggingLimits:
         )
 
 
+class Slots(Protocol):
+    """The caller's concurrency budgets (service/gate.Admission): a download holds no inference slot."""
+
+    def download(self) -> AbstractAsyncContextManager[object]: ...
+
+    def inference(self) -> AbstractAsyncContextManager[object]: ...
+
+
 class TaggingService:
     def __init__(
         self,
@@ -60,12 +70,14 @@ class TaggingService:
         self.limits = limits
         self.observe_decode = observe_decode
 
-    async def tag(self, request: TaggingRequest) -> TaggingResponse:
+    async def tag(self, request: TaggingRequest, slots: Slots) -> TaggingResponse:
         if request.image:
             data = decode_base64(request.image, self.limits.max_base64_bytes)
         else:
-            data = await fetch_image_bytes(request.url, self.limits.fetch_policy)
-        return await self.tag_bytes(data, request)
+            async with slots.download():
+                data = await fetch_image_bytes(request.url, self.limits.fetch_policy)
+        async with slots.inference():
+            return await self.tag_bytes(data, request)
 
     async def tag_bytes(self, data: bytes, options: TaggingOptions) -> TaggingResponse:
         """Tags an encoded image (the bytes of a file or of a download), under the same rules."""

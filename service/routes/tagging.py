@@ -22,7 +22,7 @@ _BODY_SCHEMA = {
 }
 
 
-async def tagging_request(body: RawBody, principal: Admitted) -> TaggingRequest:
+async def tagging_request(body: RawBody, admission: Admitted) -> TaggingRequest:
     # Depends on admission so that credentials are checked before the body is judged.
     return TaggingRequest.parse(json_object(body))
 
@@ -56,5 +56,5 @@ Tagger = Annotated[TaggingService, Depends(tagging_service)]
     openapi_extra=_BODY_SCHEMA,
     summary="Tag an image (older path of the vendor's samples)",
 )
-async def tag(body: Body, tagger: Tagger) -> TaggingResponse:
-    return await tagger.tag(body)
+async def tag(body: Body, admission: Admitted, tagger: Tagger) -> TaggingResponse:
+    return await tagger.tag(body, admission)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -13,7 +14,7 @@ from service.identity.models import Project
 from service.ratelimit import LocalRateLimiter
 
 LIMITS = Limits(rate_per_s=0.001, burst=3, max_concurrent_per_project=1, login_per_minute=2,
-                login_failures_per_hour=6)
+                login_failures_per_hour=6, max_concurrent_downloads_per_project=2)
 
 
 def project(**overrides) -> Project:
@@ -23,8 +24,9 @@ def project(**overrides) -> Project:
 async def admit_times(gate: Gate, times: int, *args) -> list[dict[str, str]]:
     admitted = []
     for _ in range(times):
-        async with gate.admit(*args) as headers:
-            admitted.append(headers)
+        admission = await gate.admit(*args)
+        async with admission.inference():
+            admitted.append(admission.headers)
     return admitted
 
 
@@ -49,16 +51,34 @@ def test_an_access_key_has_a_bucket_of_its_own():
         asyncio.run(admit_times(gate, 1, "p2", None, "AK1"))
 
 
-def test_the_concurrency_cap_holds_for_the_whole_request():
+def test_the_concurrency_cap_holds_while_the_models_run():
     gate = Gate(LocalRateLimiter(), LIMITS)
 
     async def main() -> None:
-        async with gate.admit("p", None, None):
+        first, second = await gate.admit("p", None, None), await gate.admit("p", None, None)
+        async with first.inference():
             with pytest.raises(RateLimited):
-                async with gate.admit("p", None, None):
+                async with second.inference():
                     pass
-        async with gate.admit("p", None, None):  # released with the first request
+        async with second.inference():  # released with the first request's model work
             pass
+
+    asyncio.run(main())
+
+
+def test_downloads_have_a_budget_of_their_own():
+    gate = Gate(LocalRateLimiter(), replace(LIMITS, burst=10))  # 2 downloads and 1 inference slot per project
+
+    async def main() -> None:
+        slow_urls = [await gate.admit("p", None, None) for _ in range(3)]
+        async with slow_urls[0].download(), slow_urls[1].download():
+            with pytest.raises(RateLimited):
+                async with slow_urls[2].download():
+                    pass
+            async with (await gate.admit("p", None, None)).inference():  # the models are still free
+                pass
+            async with (await gate.admit("other", None, None)).download():  # a budget per project
+                pass
 
     asyncio.run(main())
 

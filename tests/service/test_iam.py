@@ -53,7 +53,8 @@ def run(tmp_path, test, login_per_minute: float = 100):
         east = await store.create_project(acme.id, "cn-east-3")
         elsewhere = await store.create_project(other.id, "cn-north-4")
         gate = Gate(LocalRateLimiter(), Limits(rate_per_s=10, burst=10, max_concurrent_per_project=1,
-                                               login_per_minute=login_per_minute, login_failures_per_hour=100))
+                                               login_per_minute=login_per_minute, login_failures_per_hour=100,
+                                               max_concurrent_downloads_per_project=1))
         try:
             iam = IamService(store, gate, timedelta(hours=2))
             return await test(Accounts(iam, store, acme, north, east, elsewhere))

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 
 from inference.client import QueueFull
 from inference.engine import ModelError
@@ -14,8 +17,10 @@ from service.errors import ModelFailed, Overloaded, UnsupportedImage
 from service.protocol.tagging import TaggingOptions
 from service.settings import Settings
 from service.tagging import TaggingLimits, TaggingService, render
+from tests.conftest import photo_base64
 from tests.service import corpus
-from tests.service.fakes import FakeInference
+from tests.service.fakes import FakeInference, gateway
+from tests.service.test_url_fetch import TestServer, running
 
 VOCABULARY = Vocabulary.load()
 PNG = corpus.photo_like()
@@ -79,3 +84,28 @@ def test_bad_bytes_never_reach_the_models():
 def test_bytes_are_tagged_under_the_options():
     response = asyncio.run(service(FakeInference()).tag_bytes(PNG, TaggingOptions(language="en", limit=1)))
     assert [t.tag for t in response.result.tags] == ["cat"]
+
+
+def test_stalled_downloads_leave_the_project_its_inference_slots(tmp_path):
+    """Over HTTP: ten `url`s whose server never answers, then ten base64 images of the same project."""
+    with running(TestServer()) as stalling, gateway(
+        tmp_path, FakeInference(delay_s=0.2), url_allowed_networks=["127.0.0.1/32"], url_timeout_s=4,
+        rate_limit_per_s=1000, rate_limit_burst=1000,  # the concurrency caps at their defaults: 10, 5 downloads
+    ) as server:
+
+        def post(body: dict) -> requests.Response:
+            return requests.post(server.url("/v1.0/image/tagging"), json=body, timeout=30)
+
+        with ThreadPoolExecutor(20) as pool:
+            downloads = [pool.submit(post, {"url": stalling.url("/slow-headers")}) for _ in range(10)]
+            time.sleep(0.5)
+            started = time.monotonic()
+            tagged = list(pool.map(post, [{"image": photo_base64("cat_chelsea.jpg")}] * 10))
+            assert time.monotonic() - started < 3.5  # before any download gave up
+            stalled = [future.result() for future in downloads]
+    assert [r.status_code for r in tagged] == [200] * 10
+    refused = [r for r in stalled if r.status_code == 429]
+    assert len(refused) == 5 and refused[0].json()["error_code"] == "APIG.0308"  # downloads' own budget
+    timed_out = [r.json() for r in stalled if r.status_code == 400]
+    assert len(timed_out) == 5
+    assert all(e["error_code"] == "ModelArts.4603" and "timed out after 4 s" in e["error_msg"] for e in timed_out)
