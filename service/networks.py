@@ -14,7 +14,6 @@ def parse_networks(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
     return tuple(ipaddress.ip_network(cidr.strip(), strict=False) for cidr in cidrs)
 
 
-
 def within(host: str | None, networks: tuple[IPNetwork, ...]) -> bool:
     """Whether `host` is an IP address in one of `networks` (a name or nothing is in none)."""
     address = _address(host)
