@@ -89,28 +89,53 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from service.app import create_app
     from service.assembly import build_components
+    from service.preflight import check_serve
 
-    uvicorn.run(
-        create_app(build_components(settings)),
-        host=settings.host,
-        port=settings.port,
-        ssl_certfile=settings.tls_certfile,
-        ssl_keyfile=settings.tls_keyfile,
-        log_level=settings.log_level,
+    check_serve(settings)
+    failures: list[BaseException] = []
+
+    def stop(error: BaseException) -> None:
+        failures.append(error)
+        asyncio.get_running_loop().call_later(FAILED_READINESS_S, setattr, server, "should_exit", True)
+
+    app = create_app(build_components(settings), on_load_failure=stop)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            ssl_certfile=settings.tls_certfile,
+            ssl_keyfile=settings.tls_keyfile,
+            log_level=settings.log_level,
+        )
     )
-    return 0
+    server.run()
+    if failures:
+        print(f"imagetag: the models failed to load: {_first_line(failures[0])}", file=sys.stderr)
+        return 1
+    return 0 if server.started else 1
+
+
+# How long /readyz says "failed" before the process exits, for whoever is watching it.
+FAILED_READINESS_S = 2.0
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.redis_url:
         print("imagetag: `imagetag worker` needs IMAGETAG_REDIS_URL", file=sys.stderr)
         return 2
-    from inference.detector import DetectorLoadError
     from inference.worker import run_until_signalled
     from service.assembly import build_worker
     from service.backends import redis_client
+    from service.preflight import check_worker
     from service.worker_metrics import WorkerMetrics
 
+    check_worker(settings)
     client = redis_client(settings)
     metrics = WorkerMetrics()
     metrics.serve(settings.host, settings.metrics_port)
@@ -123,8 +148,13 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
     try:
         asyncio.run(work())
-    except DetectorLoadError as error:
-        print(f"imagetag: {error}", file=sys.stderr)
+    except Exception as error:
+        if metrics.models_loaded:
+            raise
+        logging.getLogger(__name__).critical("loading the models failed", exc_info=error)
+        metrics.failed()
+        time.sleep(FAILED_READINESS_S)
+        print(f"imagetag: the models failed to load: {_first_line(error)}", file=sys.stderr)
         return 1
     return 0
 
