@@ -174,6 +174,10 @@ def _tag(args: argparse.Namespace, settings: Settings) -> int:
     if not files:
         print("imagetag: no JPG, PNG, BMP or WEBP files found", file=sys.stderr)
         return 2
+    if settings.inference == "local":
+        from service.preflight import check_models
+
+        check_models(settings)
     return asyncio.run(_tag_files(files, options, settings))
 
 

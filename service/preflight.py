@@ -121,13 +121,14 @@ def wait_for_redis(settings: Settings) -> None:
             except (AuthenticationError, ResponseError) as error:  # it answered, and said no
                 raise ConfigurationError(f"IMAGETAG_REDIS_URL: Redis at {shown} refused: {error}") from None
             except RedisError as error:
-                if time.monotonic() + _REDIS_RETRY_S > deadline:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     raise ConfigurationError(
                         f"IMAGETAG_REDIS_URL: cannot reach Redis at {shown} "
                         f"(waited {settings.redis_startup_wait_s:g} s, IMAGETAG_REDIS_STARTUP_WAIT_S): {error}"
                     ) from None
                 log.info("waiting for Redis at %s: %s", shown, error)
-                time.sleep(_REDIS_RETRY_S)
+                time.sleep(min(_REDIS_RETRY_S, remaining))
 
 
 def redacted(url: str) -> str:
