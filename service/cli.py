@@ -16,6 +16,10 @@ from service.protocol.tagging import TaggingOptions
 from service.settings import ConfigurationError, Settings
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+# How long /readyz says "failed" before the process exits, for whoever is watching it.
+FAILED_READINESS_S = 2.0
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,11 +117,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if failures:
         print(f"imagetag: the models failed to load: {_first_line(failures[0])}", file=sys.stderr)
         return 1
-    return 0 if server.started else 1
-
-
-# How long /readyz says "failed" before the process exits, for whoever is watching it.
-FAILED_READINESS_S = 2.0
+    return 0 if server.started else 1  # the app's start-up failed before the port was bound
 
 
 def _first_line(error: BaseException) -> str:
@@ -151,7 +151,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     except Exception as error:
         if metrics.models_loaded:
             raise
-        logging.getLogger(__name__).critical("loading the models failed", exc_info=error)
+        log.critical("loading the models failed", exc_info=error)
         metrics.failed()
         time.sleep(FAILED_READINESS_S)
         print(f"imagetag: the models failed to load: {_first_line(error)}", file=sys.stderr)
