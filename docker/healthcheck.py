@@ -3,8 +3,11 @@
 
     imagetag-healthcheck [gateway|worker|auto]
 
-gateway: GET /healthz on IMAGETAG_PORT (8080), over HTTPS when IMAGETAG_TLS_CERTFILE is set.
-worker:  GET /metrics on IMAGETAG_METRICS_PORT (9100), what `imagetag worker` serves.
+gateway: GET /readyz on IMAGETAG_PORT (8080), over HTTPS when IMAGETAG_TLS_CERTFILE is set:
+         healthy once the models are loaded (or, with remote inference, a worker is alive).
+worker:  GET /readyz on IMAGETAG_METRICS_PORT (9100): healthy while the worker's models are
+         loaded and Redis answers.
+Readiness, not liveness: a container that is up but cannot serve is not healthy.
 Both on IMAGETAG_HOST, or on 127.0.0.1 where that is a wildcard address.
 auto (the default): `worker` when the container's main process is `imagetag worker`, else
 `gateway`, so one image's HEALTHCHECK fits both commands.
@@ -31,9 +34,9 @@ def target(mode: str, environ: dict[str, str]) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     if mode == "worker":
-        return f"http://{host}:{environ.get('IMAGETAG_METRICS_PORT') or '9100'}/metrics"
+        return f"http://{host}:{environ.get('IMAGETAG_METRICS_PORT') or '9100'}/readyz"
     scheme = "https" if environ.get("IMAGETAG_TLS_CERTFILE") else "http"
-    return f"{scheme}://{host}:{environ.get('IMAGETAG_PORT') or '8080'}/healthz"
+    return f"{scheme}://{host}:{environ.get('IMAGETAG_PORT') or '8080'}/readyz"
 
 
 def main_process_is_worker(cmdline: Path = Path("/proc/1/cmdline")) -> bool:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from inference.classifier import Classifier
 from inference.detector import Box, Detector, DetectorLoadError, require_weights
+from inference.devices import resolve_device
 from inference.fusion import Calibration, ScoredTag, fuse
 from inference.runtimes import (
     configure_openvino_detector,
@@ -57,12 +58,6 @@ class EngineConfig:
     detector_square_letterbox: bool = False
     """Pad every image to the detector's square input, as inference/pipeline.py always does,
     instead of ultralytics' tightest rectangle for a lone image (what the calibration was fitted on)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class TaggingEngine:

@@ -61,6 +61,8 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 class WorkerObserver(Protocol):
     """Plain numbers for a metrics exporter; `service.worker_metrics` has the Prometheus one."""
 
+    def loaded(self) -> None: ...
+
     def batch(self, stats: BatchStats) -> None: ...
 
     def jobs(self, outcome: str, count: int) -> None: ...
@@ -114,6 +116,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         try:
             engine = await loop.run_in_executor(self._executor, self._build_engine)
+            self._notify(lambda observer: observer.loaded())
             if self._stopping.is_set():
                 return
             beating = asyncio.create_task(self._beat_forever(), name="worker-heartbeat")
@@ -135,6 +138,7 @@ class Worker:
             try:
                 if not self._group_ready:
                     await self._create_group()
+                    self._notify(lambda observer: observer.up(True))  # Redis answers: ready before the first read
                 entries: list[Entry] = []
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + self._claim_every_s

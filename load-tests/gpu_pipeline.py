@@ -30,7 +30,8 @@ sys.path.insert(0, str(REPO))
 
 from inference.classifier import INPUT_SIZE, crop_and_resize, normalize  # noqa: E402
 from inference.device_images import decode_images  # noqa: E402
-from inference.engine import EngineConfig, TaggingEngine, resolve_device  # noqa: E402
+from inference.devices import resolve_device  # noqa: E402
+from inference.engine import EngineConfig, TaggingEngine  # noqa: E402
 from inference.fusion import fuse  # noqa: E402
 from inference.image_header import decode_with_pil  # noqa: E402
 from inference.pipeline import DevicePipeline, YoloNetwork  # noqa: E402

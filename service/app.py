@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -28,15 +28,26 @@ log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "X-Request-Id"
 
 
-def create_app(components: Components) -> FastAPI:
-    """The HTTP face of `components` (built by `service.assembly.build_components`)."""
+def create_app(
+    components: Components, *, on_load_failure: Callable[[BaseException], None] | None = None
+) -> FastAPI:
+    """The HTTP face of `components` (built by `service.assembly.build_components`).
+    `on_load_failure` hears when the models fail to load; /readyz says "failed" from then on."""
     inference = components.inference
+
+    def loaded(task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        app.state.load_failure = task.exception()
+        if on_load_failure is not None:
+            on_load_failure(task.exception())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Load in the background so /healthz answers at once and /readyz says when we are ready.
         loading = asyncio.create_task(inference.start())
         loading.add_done_callback(log_task_failure("loading the models"))
+        loading.add_done_callback(loaded)
         try:
             yield
         finally:
@@ -51,6 +62,7 @@ def create_app(components: Components) -> FastAPI:
     )
     app.state.settings = components.settings
     app.state.inference = inference
+    app.state.load_failure = None
     app.state.metrics = components.metrics
     app.state.gate = components.gate
     app.state.tagging = components.tagging

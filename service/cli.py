@@ -16,6 +16,10 @@ from service.protocol.tagging import TaggingOptions
 from service.settings import ConfigurationError, Settings
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+# How long /readyz says "failed" before the process exits, for whoever is watching it.
+FAILED_READINESS_S = 2.0
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,31 +93,52 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from service.app import create_app
     from service.assembly import build_components
+    from service.preflight import check_serve
 
-    uvicorn.run(
-        create_app(build_components(settings)),
-        host=settings.host,
-        port=settings.port,
-        ssl_certfile=settings.tls_certfile,
-        ssl_keyfile=settings.tls_keyfile,
-        log_level=settings.log_level,
-        # uvicorn would believe X-Forwarded-For from loopback; the gateway reads it itself, and
-        # only from IMAGETAG_TRUSTED_PROXIES (service/deps.client_host).
-        proxy_headers=False,
+    check_serve(settings)
+    failures: list[BaseException] = []
+
+    def stop(error: BaseException) -> None:
+        failures.append(error)
+        asyncio.get_running_loop().call_later(FAILED_READINESS_S, setattr, server, "should_exit", True)
+
+    app = create_app(build_components(settings), on_load_failure=stop)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            ssl_certfile=settings.tls_certfile,
+            ssl_keyfile=settings.tls_keyfile,
+            log_level=settings.log_level,
+            # uvicorn would believe X-Forwarded-For from loopback; the gateway reads it itself, and
+            # only from IMAGETAG_TRUSTED_PROXIES (service/deps.client_host).
+            proxy_headers=False,
+        )
     )
-    return 0
+    server.run()
+    if failures:
+        print(f"imagetag: the models failed to load: {_first_line(failures[0])}", file=sys.stderr)
+        return 1
+    return 0 if server.started else 1  # the app's start-up failed before the port was bound
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.redis_url:
         print("imagetag: `imagetag worker` needs IMAGETAG_REDIS_URL", file=sys.stderr)
         return 2
-    from inference.detector import DetectorLoadError
     from inference.worker import run_until_signalled
     from service.assembly import build_worker
     from service.backends import redis_client
+    from service.preflight import check_worker
     from service.worker_metrics import WorkerMetrics
 
+    check_worker(settings)
     client = redis_client(settings)
     metrics = WorkerMetrics()
     metrics.serve(settings.host, settings.metrics_port)
@@ -126,8 +151,13 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
     try:
         asyncio.run(work())
-    except DetectorLoadError as error:
-        print(f"imagetag: {error}", file=sys.stderr)
+    except Exception as error:
+        if metrics.models_loaded:
+            raise
+        log.critical("loading the models failed", exc_info=error)
+        metrics.failed()
+        time.sleep(FAILED_READINESS_S)
+        print(f"imagetag: the models failed to load: {_first_line(error)}", file=sys.stderr)
         return 1
     return 0
 
@@ -147,6 +177,10 @@ def _tag(args: argparse.Namespace, settings: Settings) -> int:
     if not files:
         print("imagetag: no JPG, PNG, BMP or WEBP files found", file=sys.stderr)
         return 2
+    if settings.inference == "local":
+        from service.preflight import check_models
+
+        check_models(settings)
     return asyncio.run(_tag_files(files, options, settings))
 
 

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
         None, description="shared Redis for identities, tokens and rate limits; unset: embedded, in-process"
     )
     redis_timeout_s: float = Field(0.5, gt=0, description="bound on every Redis call")
+    redis_startup_wait_s: float = Field(
+        10.0, ge=0, description="how long `serve` and `worker` wait for Redis at start before exiting"
+    )
     master_key: SecretStr | None = Field(
         None, description="encrypts secret keys at rest; required with Redis, generated under data_dir otherwise"
     )
@@ -123,7 +126,9 @@ class Settings(BaseSettings):
     job_visibility_timeout_s: float = Field(
         15.0, gt=0, description="a job unanswered this long is claimed by another worker"
     )
-    metrics_port: int = Field(9100, ge=1, le=65535, description="where `imagetag worker` serves /metrics")
+    metrics_port: int = Field(
+        9100, ge=1, le=65535, description="where `imagetag worker` serves /metrics, /readyz and /healthz"
+    )
     latency_buckets_s: Annotated[list[float], NoDecode] = Field(
         default_factory=lambda: [0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0],
         description="comma-separated histogram buckets for request latency, in seconds",

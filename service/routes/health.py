@@ -17,4 +17,6 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> JSONResponse:
     if request.app.state.inference.ready:
         return JSONResponse({"status": "ready"})
+    if request.app.state.load_failure is not None:  # the process is on its way out: no Retry-After
+        return JSONResponse({"status": "failed"}, status_code=503)
     return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})

@@ -12,7 +12,8 @@ PyPI (the `test` extra) and run offline:
 - the project's wheel is built from exactly what the Dockerfiles COPY (filtered by
   .dockerignore), and every `imagetag ...` command the images, the compose files and
   docker/README.md run is parsed by that wheel's own command line;
-- docker/healthcheck.py is run against a real `imagetag serve` and against stand-in servers.
+- docker/healthcheck.py is run against a real `imagetag serve`, the real worker's HTTP server
+  and stand-in servers.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from service.settings import Settings
+from service.worker_metrics import WorkerMetrics
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
@@ -759,8 +761,8 @@ def test_ports_agree(compose_config: dict) -> None:
     assert scraped == {("gateway", gateway_port, "/metrics"), ("worker", worker_port, "/metrics")}
 
     healthcheck = _healthcheck_module()
-    assert healthcheck.target("gateway", {}) == f"http://127.0.0.1:{http_port}/healthz"
-    assert healthcheck.target("worker", {}) == f"http://127.0.0.1:{metrics_port}/metrics"
+    assert healthcheck.target("gateway", {}) == f"http://127.0.0.1:{http_port}/readyz"
+    assert healthcheck.target("worker", {}) == f"http://127.0.0.1:{metrics_port}/readyz"
 
 
 def prometheus_targets() -> set[tuple[str, int, str]]:
@@ -1009,7 +1011,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def stand_in() -> Iterator[tuple[int, type[_Handler]]]:
-    handler = type("Handler", (_Handler,), {"paths": {"/healthz", "/metrics"}})
+    handler = type("Handler", (_Handler,), {"paths": {"/readyz", "/healthz", "/metrics"}})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -1032,8 +1034,9 @@ def test_healthcheck_reports_healthy_and_unhealthy(stand_in, capsys) -> None:
     healthcheck = _healthcheck_module()
     assert healthcheck.main(["gateway"], {"IMAGETAG_PORT": str(port), "IMAGETAG_HOST": "0.0.0.0"}) == 0
     assert healthcheck.main(["worker"], {"IMAGETAG_METRICS_PORT": str(port)}) == 0
-    handler.paths = {"/metrics"}
+    handler.paths = {"/healthz", "/metrics"}  # up, not ready: unhealthy
     assert healthcheck.main(["gateway"], {"IMAGETAG_PORT": str(port)}) == 1
+    assert healthcheck.main(["worker"], {"IMAGETAG_METRICS_PORT": str(port)}) == 1
     assert healthcheck.main(["worker"], {"IMAGETAG_METRICS_PORT": str(_free_port())}) == 1
     assert healthcheck.main(["sideways"], {}) == 2
     assert "404" in capsys.readouterr().err
@@ -1054,7 +1057,7 @@ def test_healthcheck_speaks_https_when_the_gateway_does(tmp_path: Path) -> None:
          "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
         check=True, capture_output=True,
     )
-    handler = type("Handler", (_Handler,), {"paths": {"/healthz"}})
+    handler = type("Handler", (_Handler,), {"paths": {"/readyz"}})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
@@ -1098,3 +1101,18 @@ def test_healthcheck_and_prometheus_paths_on_the_real_gateway(server) -> None:
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     assert re.search(r"^# TYPE \w+ \w+$", response.text, re.M)
+
+
+def test_healthcheck_follows_the_real_workers_readiness() -> None:
+    """`imagetag worker`'s own HTTP server (service/worker_metrics.py), in its states: healthy only
+    while its models are loaded and Redis answers."""
+    metrics, port = WorkerMetrics(), _free_port()
+    metrics.serve("127.0.0.1", port)
+    healthcheck = _healthcheck_module()
+    environ = {"IMAGETAG_METRICS_PORT": str(port), "IMAGETAG_HOST": "0.0.0.0"}
+    assert healthcheck.main(["worker"], environ) == 1  # loading
+    metrics.loaded()
+    metrics.up(True)
+    assert healthcheck.main(["worker"], environ) == 0
+    metrics.up(False)  # Redis stopped answering
+    assert healthcheck.main(["worker"], environ) == 1

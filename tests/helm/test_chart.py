@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,7 @@ import pytest
 import yaml
 
 from service.settings import Settings
+from service.worker_metrics import WorkerMetrics
 
 REPO = Path(__file__).resolve().parents[2]
 HELM = REPO / "helm"
@@ -423,19 +425,39 @@ def test_metrics_paths_exist(renderings, gateway_app) -> None:
     for monitor in renderings["gpu-production"].of_kind("ServiceMonitor"):
         assert [e["path"] for e in monitor["spec"]["endpoints"]] == ["/metrics"]
     worker = main_container(deployment(renderings["gpu-production"], "worker"))
-    assert {worker[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe")} == {"/metrics"}
     assert {worker[p]["httpGet"]["port"] for p in ("startupProbe", "readinessProbe", "livenessProbe")} == {"metrics"}
 
 
-def test_worker_metrics_server_answers_the_probe_path() -> None:
-    worker_metrics = pytest.importorskip("service.worker_metrics", reason="`imagetag worker` is not in this tree yet")
+def test_worker_probes_answer_as_probes_need_on_the_real_worker_server(renderings) -> None:
+    """The rendered worker's probe paths against `imagetag worker`'s own HTTP server, in each of
+    its states: startup and readiness pass only with the models loaded and Redis answering;
+    liveness passes throughout, so that a Redis outage restarts nothing."""
+    worker = main_container(deployment(renderings["gpu-production"], "worker"))
+    paths = {probe: worker[probe]["httpGet"]["path"] for probe in ("startupProbe", "readinessProbe", "livenessProbe")}
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    worker_metrics.WorkerMetrics().serve("127.0.0.1", port)
+    metrics = WorkerMetrics()
+    metrics.serve("127.0.0.1", port)
+
+    def statuses() -> dict[str, int]:
+        answered = {}
+        for probe, path in paths.items():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+                    answered[probe] = response.status
+            except urllib.error.HTTPError as error:
+                answered[probe] = error.code
+        return answered
+
+    assert statuses() == {"startupProbe": 503, "readinessProbe": 503, "livenessProbe": 200}  # loading
+    metrics.loaded()
+    metrics.up(True)
+    assert statuses() == {"startupProbe": 200, "readinessProbe": 200, "livenessProbe": 200}
+    metrics.up(False)  # Redis stopped answering
+    assert statuses() == {"startupProbe": 503, "readinessProbe": 503, "livenessProbe": 200}
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        assert response.status == 200
-        assert b"imagetag_worker_up" in response.read()
+        assert b"imagetag_worker_up" in response.read()  # what the ServiceMonitor scrapes
 
 
 # --- ports and references -------------------------------------------------------------------

@@ -28,6 +28,9 @@ class Recorder:
         self.fail = fail
         self.calls: list[tuple] = []
 
+    def loaded(self) -> None:
+        self.calls.append(("loaded",))
+
     def batch(self, stats: BatchStats) -> None:
         self.calls.append(("batch", stats.size))
         if self.fail:
@@ -61,6 +64,7 @@ def test_each_job_gets_its_own_result_and_the_observer_hears_of_it(redis_server:
     assert isinstance(broken, ModelError)
     assert ("batch", 2) in recorder.calls
     assert ("jobs", "tagged", 1) in recorder.calls and ("jobs", "model_error", 1) in recorder.calls
+    assert recorder.calls[0] == ("loaded",)  # before anything is served
     assert ("up", True) in recorder.calls and recorder.calls[-1] == ("up", False)
 
 

@@ -8,12 +8,15 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+import zipfile
 from pathlib import Path
 
 import pytest
+import requests
 
 from service.cli import main
-from tests.conftest import DETECTOR_WEIGHTS, PHOTOS
+from tests.conftest import DETECTOR_WEIGHTS, PHOTOS, REPO, RedisProcess, free_port
 from tests.service import corpus
 
 IMAGETAG = Path(sys.executable).parent / "imagetag"
@@ -81,7 +84,7 @@ def test_worker_and_remote_serving_need_a_redis_url(tmp_path, capsys, monkeypatc
 
 def test_missing_detector_weights_are_explained(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("IMAGETAG_DETECTOR_WEIGHTS", str(tmp_path / "none.pt"))
-    assert main(["tag", str(PHOTOS / "cat_chelsea.jpg")]) == 1
+    assert main(["tag", str(PHOTOS / "cat_chelsea.jpg")]) == 2
     err = capsys.readouterr().err
     assert "imagetag weights fetch" in err and "Traceback" not in err
 
@@ -114,3 +117,172 @@ def test_weights_fetch_downloads_and_verifies_the_classifier(tmp_path):
     saved = tmp_path / "efficientnet-lite2-9656183e.pth"
     assert hashlib.sha256(saved.read_bytes()).hexdigest().startswith("9656183e")
     assert [p.name for p in tmp_path.iterdir()] == [saved.name]
+
+
+# --- `serve` and `worker` fail loudly at start, as real processes ---------------------------
+
+def command(name: str, *args: str, env: dict[str, str], **popen) -> subprocess.Popen:
+    """`python -m service.cli NAME` from the checkout, on the offline weights unless `env` says otherwise."""
+    environment = {
+        **os.environ,
+        "IMAGETAG_DETECTOR_WEIGHTS": str(DETECTOR_WEIGHTS),
+        "IMAGETAG_TORCH_THREADS": "1",
+        "IMAGETAG_MODEL_REPLICAS": "1",
+        "IMAGETAG_AUTH_MODE": "none",
+        **env,
+    }
+    return subprocess.Popen([sys.executable, "-m", "service.cli", name, *args], env=environment, cwd=REPO,
+                            text=True, **popen)
+
+
+def refused_at_start(name: str, *args: str, env: dict[str, str]) -> str:
+    """Runs the command to its end; it must exit 2 before binding, with one line on stderr."""
+    process = command(name, *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 2, err
+    assert "Traceback" not in err and "Uvicorn running" not in err + out, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("imagetag: ") and last.count("imagetag:") == 1
+    return last
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("bad")
+    truncated = folder / "truncated.pt"
+    truncated.write_bytes(DETECTOR_WEIGHTS.read_bytes()[:200_000])
+    (folder / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    return {"truncated": truncated, "missing": folder / "absent.pt", "folder": folder}
+
+
+@pytest.mark.parametrize("name", ["serve", "worker"])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing weights", "IMAGETAG_DETECTOR_WEIGHTS: {missing}: not found; run `imagetag weights fetch yolo11n`"),
+        ("corrupt weights", "IMAGETAG_DETECTOR_WEIGHTS: {truncated}: corrupt or truncated: not a PyTorch archive"),
+        ("cuda without a GPU", "IMAGETAG_DEVICE: device 'cuda': no CUDA GPU is visible"),
+        ("unknown device", "IMAGETAG_DEVICE: unknown device 'tpu': use auto, cpu, cuda or cuda:N"),
+    ],
+    ids=lambda value: value if " " in value and ":" not in value else "",
+)
+def test_models_that_cannot_load_stop_the_command_before_it_binds(name, case, expected, bad_files, redis_server):
+    env = {
+        "missing weights": {"IMAGETAG_DETECTOR_WEIGHTS": str(bad_files["missing"])},
+        "corrupt weights": {"IMAGETAG_DETECTOR_WEIGHTS": str(bad_files["truncated"])},
+        # No GPU, on any machine: torch sees none when CUDA_VISIBLE_DEVICES is empty.
+        "cuda without a GPU": {"IMAGETAG_DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": ""},
+        "unknown device": {"IMAGETAG_DEVICE": "tpu"},
+    }[case]
+    env |= {"IMAGETAG_DATA_DIR": str(bad_files["folder"] / "data"), "IMAGETAG_PORT": str(free_port())}
+    if name == "worker":
+        env |= {"IMAGETAG_REDIS_URL": redis_server.url, "IMAGETAG_METRICS_PORT": str(free_port())}
+    assert refused_at_start(name, env=env).startswith("imagetag: " + expected.format(**bad_files))
+
+
+def test_serve_refuses_a_port_out_of_range_and_tls_files_it_cannot_use(bad_files):
+    data = {"IMAGETAG_DATA_DIR": str(bad_files["folder"] / "data")}
+    assert refused_at_start("serve", "--port", "99999", env=data) == (
+        "imagetag: invalid settings: IMAGETAG_PORT: Input should be less than or equal to 65535")
+    missing = bad_files["folder"] / "cert.pem"
+    key = bad_files["folder"] / "key.pem"
+    assert refused_at_start("serve", "--port", str(free_port()), "--certfile", str(missing), "--keyfile", str(key),
+                            env=data) == f"imagetag: IMAGETAG_TLS_CERTFILE (--certfile): {missing}: no such file"
+
+
+@pytest.mark.parametrize("name", ["serve", "worker"])
+def test_redis_out_of_reach_is_named_with_its_url_less_the_password(name, bad_files):
+    port = free_port()
+    env = {
+        "IMAGETAG_REDIS_URL": f"redis://:hunter2@127.0.0.1:{port}/0",
+        "IMAGETAG_REDIS_STARTUP_WAIT_S": "1",
+        "IMAGETAG_MASTER_KEY": "k" * 32,
+        "IMAGETAG_INFERENCE": "remote" if name == "serve" else "local",
+        "IMAGETAG_PORT": str(free_port()),
+        "IMAGETAG_METRICS_PORT": str(free_port()),
+    }
+    line = refused_at_start(name, env=env)
+    assert line.startswith(f"imagetag: IMAGETAG_REDIS_URL: cannot reach Redis at redis://:***@127.0.0.1:{port}/0 "
+                           "(waited 1 s, IMAGETAG_REDIS_STARTUP_WAIT_S): ")
+    assert "Connection refused" in line and "hunter2" not in line
+
+
+def readiness(url: str) -> tuple[int, str] | None:
+    try:
+        response = requests.get(url, timeout=2)
+    except requests.ConnectionError:
+        return None
+    return response.status_code, response.json()["status"]
+
+
+@pytest.mark.parametrize("name", ["serve", "worker"])
+def test_models_that_fail_after_start_make_readyz_say_failed_and_the_process_exit(name, tmp_path, redis_server):
+    """Weights that pass the cheap checks (a sound zip archive) but hold no model: only loading
+    tells, after the port is bound."""
+    not_a_model = tmp_path / "not-a-model.pt"
+    with zipfile.ZipFile(not_a_model, "w") as archive:
+        archive.writestr("archive/data.pkl", b"no pickle in here")
+    port = free_port()
+    env = {"IMAGETAG_DETECTOR_WEIGHTS": str(not_a_model), "IMAGETAG_DATA_DIR": str(tmp_path / "data")}
+    if name == "serve":
+        env["IMAGETAG_PORT"] = str(port)
+    else:
+        env |= {"IMAGETAG_REDIS_URL": redis_server.url, "IMAGETAG_METRICS_PORT": str(port)}
+    process = command(name, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen = set()
+    try:
+        deadline = time.monotonic() + 180
+        while process.poll() is None and time.monotonic() < deadline:
+            if state := readiness(f"http://127.0.0.1:{port}/readyz"):
+                seen.add(state)
+            time.sleep(0.1)
+        err = process.communicate(timeout=30)[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 1, err
+    assert (503, "failed") in seen, seen
+    assert not any(status == 200 for status, _ in seen)
+    assert err.strip().splitlines()[-1].startswith(f"imagetag: the models failed to load: cannot load detector weights {not_a_model}")
+
+
+def test_the_worker_is_ready_only_with_its_models_and_redis(tmp_path):
+    """A real `imagetag worker` on the real models; its Redis stopped and started again."""
+    redis_process = RedisProcess(tmp_path)
+    redis_process.start()
+    port = free_port()
+    env = {"IMAGETAG_REDIS_URL": redis_process.url, "IMAGETAG_METRICS_PORT": str(port),
+           "IMAGETAG_WORKER_HEARTBEAT_S": "0.5"}
+    log = (tmp_path / "worker.log").open("w")
+    worker = command("worker", env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def wait_for(status: str, timeout_s: float) -> set:
+        seen = set()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+            state = readiness(f"{url}/readyz")
+            seen.add(state)
+            if state is not None and state[1] == status:
+                return seen
+            time.sleep(0.1)
+        raise AssertionError(f"no {status!r} in {timeout_s} s; saw {seen}")
+
+    try:
+        before = wait_for("ready", 180)
+        assert (503, "loading") in before and readiness(f"{url}/readyz") == (200, "ready")
+        assert requests.get(f"{url}/healthz", timeout=5).status_code == 200
+        assert "imagetag_worker_up 1.0" in requests.get(f"{url}/metrics", timeout=5).text
+        redis_process.stop()
+        wait_for("redis_unreachable", 10)
+        assert requests.get(f"{url}/healthz", timeout=5).status_code == 200  # alive: nothing to restart
+        redis_process.start()
+        wait_for("ready", 15)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        log.close()
+        redis_process.stop()
+    assert worker.returncode == 0
