@@ -210,7 +210,7 @@ def test_redis_out_of_reach_is_named_with_its_url_less_the_password(name, bad_fi
 def readiness(url: str) -> tuple[int, str] | None:
     try:
         response = requests.get(url, timeout=2)
-    except requests.ConnectionError:
+    except (requests.ConnectionError, requests.Timeout):  # not bound yet, or busy importing the models
         return None
     return response.status_code, response.json()["status"]
 
