@@ -168,7 +168,9 @@ def request_bodies() -> list[bytes]:
 
 
 async def closed_loop(url: str, bodies: list[bytes], concurrency: int, duration_s: float) -> tuple[list[float], int]:
-    """`concurrency` clients, each sending its next request as soon as the last is answered."""
+    """`concurrency` clients, each sending its next request as soon as the last is answered. A
+    request still unanswered `duration_s` after the end counts as an error, so that a stalled
+    service cannot hold a run for long."""
     latencies: list[float] = []
     errors = 0
     stop_at = time.monotonic() + duration_s
@@ -192,8 +194,12 @@ async def closed_loop(url: str, bodies: list[bytes], concurrency: int, duration_
                 else:
                     errors += 1
 
-        await asyncio.gather(*(user(i) for i in range(concurrency)))
-    return latencies, errors
+        users = [asyncio.create_task(user(i)) for i in range(concurrency)]
+        _, unanswered = await asyncio.wait(users, timeout=2 * duration_s + 10)
+        for task in unanswered:
+            task.cancel()
+        await asyncio.gather(*unanswered, return_exceptions=True)
+    return latencies, errors + len(unanswered)
 
 
 @dataclass
