@@ -15,9 +15,13 @@
 
 Sampled throughout: GPU utilisation and memory (NVML, else `nvidia-smi`; absent on a CPU), the
 resident memory of the process holding the models and of each gateway process, the CPU of the
-server and of the load generators. Prints a table and the targets met or missed, and writes
-`results/gpu_benchmark.json` and `.md` under `load-tests/`. A full run on one H200 takes about
-7 minutes; `--quick` about 3 on a 2-core CPU.
+server, of its HTTP processes per image answered (for `embedded` that includes the models) and of
+the load generators. Prints a table and the targets met or missed, and writes
+`results/gpu_benchmark.json` and `.md` under `load-tests/` (or `--out`), after every part, so that
+a run cut short leaves what it measured. A full run should take about 6 minutes on one H200 with
+16 cores (an estimate: none has run there yet), and `--budget` skips the points left past it;
+`--quick` takes about 90 s on the 2-core development machine. README "On a GPU" has the command
+for the lent machine, with `gpu_carry.sh` to prepare what it lacks.
 """
 
 from __future__ import annotations
@@ -78,7 +82,8 @@ class Point:
     p99_ms: float
     requests: int
     errors: int
-    server_cpu: float
+    server_cpu: float  # cores, every process of the configuration
+    gateway_cpu_ms: float  # CPU the HTTP processes spent per image answered: N of them serve N / this images/s
     models_rss_mb: float  # the largest process holding the models
     gateway_rss_mb: float  # the largest HTTP process
     generators: int
@@ -197,12 +202,13 @@ def measure(config: str, service: Service, concurrency: int, args: argparse.Name
     generators.run(service.url, bodies, concurrency, args.warm_up)  # discarded
     with ProcessTree(service.processes) as tree, ProcessTree(service.models) as models, \
             ProcessTree(service.gateways) as gateways:
-        cpu_before, started = tree.cpu_seconds(), time.monotonic()
+        cpu_before, gateway_before, started = tree.cpu_seconds(), gateways.cpu_seconds(), time.monotonic()
         load = generators.run(service.url, bodies, concurrency, args.duration)
         cpu = (tree.cpu_seconds() - cpu_before) / load.elapsed_s
+        gateway_cpu_ms = 1000 * (gateways.cpu_seconds() - gateway_before) / max(1, len(load.latencies))
         util_mean, util_max, gpu_memory = gpu.between(started, time.monotonic())
     point = Point(config, concurrency, len(load.latencies) / load.elapsed_s, load.percentile_ms(0.5),
-                  load.percentile_ms(0.99), len(load.latencies) + load.errors, load.errors, cpu,
+                  load.percentile_ms(0.99), len(load.latencies) + load.errors, load.errors, cpu, gateway_cpu_ms,
                   models.peak_process_rss / 2**20, gateways.peak_process_rss / 2**20, len(load.generator_cpu),
                   max(load.generator_cpu), util_mean, util_max, gpu_memory)
     print("  " + ", ".join(f"{name} {value}" for name, value in zip(HEADER, row(point))), flush=True)
@@ -210,14 +216,14 @@ def measure(config: str, service: Service, concurrency: int, args: argparse.Name
 
 
 HEADER = ["configuration", "c", "images/s", "p50 ms", "p99 ms", "requests", "errors", "server CPU",
-          "models RSS MB", "gateway RSS MB", "client processes (busiest CPU)", "GPU util % mean/max", "GPU MB"]
+          "gateway CPU ms/image", "models RSS MB", "gateway RSS MB", "client processes (busiest CPU)", "GPU util % mean/max", "GPU MB"]
 
 
 def row(p: Point) -> list[str]:
     util = f"{p.gpu_util_mean:.0f}/{p.gpu_util_max:.0f}" if p.gpu_util_mean is not None else "-"
     memory = f"{p.gpu_memory_mb:.0f}" if p.gpu_memory_mb is not None else "-"
     return [p.config, str(p.concurrency), f"{p.images_per_s:.1f}", f"{p.p50_ms:.1f}", f"{p.p99_ms:.1f}",
-            str(p.requests), str(p.errors), f"{p.server_cpu:.2f}", f"{p.models_rss_mb:.0f}",
+            str(p.requests), str(p.errors), f"{p.server_cpu:.2f}", f"{p.gateway_cpu_ms:.1f}", f"{p.models_rss_mb:.0f}",
             f"{p.gateway_rss_mb:.0f}", f"{p.generators} ({p.generator_cpu:.2f})", util, memory]
 
 
@@ -287,7 +293,7 @@ def check_targets(report: Report, service_configs: list[str]) -> list[Target]:
 
 
 def markdown(report: Report) -> str:
-    lines = [f"Machine: {report.machine}; device {report.device}" + (f" ({report.gpu})" if report.gpu else "") +
+    lines = [f"Machine: {report.machine}; device {report.device or 'not measured (no ceilings)'}" + (f" ({report.gpu})" if report.gpu else "") +
              f"; GPU sampled by {report.gpu_sampler or 'nothing (no GPU)'}.", f"Command: `{report.command}`.", "",
              "| stage | batch | images/s | ms per batch | peak GPU MB |", "|---|---|---|---|---|"]
     for c in report.ceilings:
@@ -318,7 +324,8 @@ def main() -> int:
     parser.add_argument("--configs", nargs="+", default=["embedded", "gateways", "naive"],
                         choices=["embedded", "gateways", "naive"])
     parser.add_argument("--gateway-processes", type=int, nargs="+",
-                        help="one `gateways` configuration for each (default a quarter of the cores, at least 2)")
+                        help="one `gateways` configuration for each (default half the cores, at least 2: today a "
+                        "gateway spends about 10 ms of CPU per image)")
     parser.add_argument("--generators", type=int,
                         help="load-generator processes, at most the concurrency (default a quarter of the cores)")
     parser.add_argument("--redis-server", default=shutil.which("redis-server"), help="for `gateways`")
@@ -333,7 +340,7 @@ def main() -> int:
     sizes = {"concurrency": [1, 4], "naive_concurrency": [1], "duration": 2.0, "warm_up": 1.0, "batch_sizes": "1,2",
              "ceiling_seconds": 1.0, "gateway_processes": [2], "generators": 2} if args.quick else \
         {"concurrency": FULL_CONCURRENCY, "naive_concurrency": [1, 16, 64], "duration": 8.0, "warm_up": 2.0,
-         "batch_sizes": "32,128", "ceiling_seconds": 3.0, "gateway_processes": [max(2, cores // 4)],
+         "batch_sizes": "32,128", "ceiling_seconds": 3.0, "gateway_processes": [max(2, cores // 2)],
          "generators": max(1, cores // 4)}
     for name, value in sizes.items():
         if getattr(args, name) is None:
