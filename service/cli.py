@@ -143,8 +143,8 @@ def gateway_process_app() -> FastAPI:
     sys.exit(STARTUP_FAILURE)
 
 
-# A process whose event loop does not answer the supervisor's ping this long is killed and
-# replaced; uvicorn's 5 s would also catch one that is merely slow to import on a loaded host.
+# A process that does not answer the supervisor's health check this long is taken as hung,
+# killed and replaced; uvicorn's 5 s default is short for a host whose every core is busy.
 PROCESS_HEALTHCHECK_S = 30
 
 
