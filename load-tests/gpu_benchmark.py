@@ -216,7 +216,8 @@ def measure(config: str, service: Service, concurrency: int, args: argparse.Name
 
 
 HEADER = ["configuration", "c", "images/s", "p50 ms", "p99 ms", "requests", "errors", "server CPU",
-          "gateway CPU ms/image", "models RSS MB", "gateway RSS MB", "client processes (busiest CPU)", "GPU util % mean/max", "GPU MB"]
+          "gateway CPU ms/image", "models RSS MB", "gateway RSS MB", "client processes (busiest CPU)",
+          "GPU util % mean/max", "GPU MB"]
 
 
 def row(p: Point) -> list[str]:
@@ -293,8 +294,9 @@ def check_targets(report: Report, service_configs: list[str]) -> list[Target]:
 
 
 def markdown(report: Report) -> str:
-    lines = [f"Machine: {report.machine}; device {report.device or 'not measured (no ceilings)'}" + (f" ({report.gpu})" if report.gpu else "") +
-             f"; GPU sampled by {report.gpu_sampler or 'nothing (no GPU)'}.", f"Command: `{report.command}`.", "",
+    device = (report.device or "not measured (no ceilings)") + (f" ({report.gpu})" if report.gpu else "")
+    lines = [f"Machine: {report.machine}; device {device}; GPU sampled by {report.gpu_sampler or 'nothing (no GPU)'}.",
+             f"Command: `{report.command}`.", "",
              "| stage | batch | images/s | ms per batch | peak GPU MB |", "|---|---|---|---|---|"]
     for c in report.ceilings:
         peak = f"{c.peak_gpu_mb:.0f}" if c.peak_gpu_mb is not None else "-"
