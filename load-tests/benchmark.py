@@ -29,7 +29,9 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 
 import httpx
@@ -166,7 +168,9 @@ def request_bodies() -> list[bytes]:
 
 
 async def closed_loop(url: str, bodies: list[bytes], concurrency: int, duration_s: float) -> tuple[list[float], int]:
-    """`concurrency` clients, each sending its next request as soon as the last is answered."""
+    """`concurrency` clients, each sending its next request as soon as the last is answered. A
+    request still unanswered `duration_s` after the end counts as an error, so that a stalled
+    service cannot hold a run for long."""
     latencies: list[float] = []
     errors = 0
     stop_at = time.monotonic() + duration_s
@@ -190,27 +194,84 @@ async def closed_loop(url: str, bodies: list[bytes], concurrency: int, duration_
                 else:
                     errors += 1
 
-        await asyncio.gather(*(user(i) for i in range(concurrency)))
-    return latencies, errors
+        users = [asyncio.create_task(user(i)) for i in range(concurrency)]
+        _, unanswered = await asyncio.wait(users, timeout=2 * duration_s + 10)
+        for task in unanswered:
+            task.cancel()
+        await asyncio.gather(*unanswered, return_exceptions=True)
+    return latencies, errors + len(unanswered)
+
+
+@dataclass
+class Load:
+    """What the load generators saw of one measurement."""
+
+    latencies: list[float]
+    errors: int
+    elapsed_s: float
+    generator_cpu: list[float]  # CPU cores each generator process used; near 1.0, it was the limit
+
+    def percentile_ms(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def _generate_share(url: str, bodies: list[bytes], concurrency: int, duration_s: float,
+                    start_at: float) -> tuple[list[float], int, float, float]:
+    """One generator process's part, begun at the wall-clock `start_at` shared by all of them:
+    latencies, errors, CPU seconds, wall seconds."""
+    time.sleep(max(0.0, start_at - time.time()))
+    cpu_before, started = time.process_time(), time.monotonic()
+    latencies, errors = asyncio.run(closed_loop(url, bodies, concurrency, duration_s))
+    return latencies, errors, time.process_time() - cpu_before, time.monotonic() - started
+
+
+class LoadGenerators:
+    """`count` load-generator processes, kept for a whole configuration: a closed loop of `c`
+    clients is split among them, so that the client is never the limit (each reports its CPU).
+    With one, the load runs in this process, as it always did here."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._pool = ProcessPoolExecutor(count, mp_context=get_context("spawn")) if count > 1 else None
+
+    def run(self, url: str, bodies: list[bytes], concurrency: int, duration_s: float) -> Load:
+        shares = [concurrency // self.count + (i < concurrency % self.count) for i in range(self.count)]
+        shares = [share for share in shares if share]
+        if self._pool is None:
+            parts = [_generate_share(url, bodies, concurrency, duration_s, time.time())]
+        else:
+            start_at = time.time() + 0.5  # every process begins together
+            parts = list(self._pool.map(_generate_share, *zip(*[(url, bodies, share, duration_s, start_at)
+                                                                 for share in shares])))
+        elapsed = max(part[3] for part in parts)
+        return Load([latency for part in parts for latency in part[0]], sum(part[1] for part in parts), elapsed,
+                    [part[2] / part[3] for part in parts])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    def __enter__(self) -> LoadGenerators:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def measure(config: str, url: str, processes: list[subprocess.Popen], concurrency: int, duration_s: float,
-            bodies: list[bytes]) -> Run:
-    asyncio.run(closed_loop(url, bodies, concurrency, min(3.0, duration_s)))  # warm-up, discarded
+            bodies: list[bytes], generators: LoadGenerators) -> Run:
+    generators.run(url, bodies, concurrency, min(3.0, duration_s))  # warm-up, discarded
     with ProcessTree(processes) as tree:
-        cpu_before, started = tree.cpu_seconds(), time.monotonic()
-        latencies, errors = asyncio.run(closed_loop(url, bodies, concurrency, duration_s))
-        elapsed = time.monotonic() - started
-        cpu = (tree.cpu_seconds() - cpu_before) / elapsed
-    latencies.sort()
-
-    def percentile(q: float) -> float:
-        return 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan")
-
-    run = Run(config, concurrency, len(latencies) / elapsed, percentile(0.5), percentile(0.95), percentile(0.99),
-              len(latencies) + errors, errors, cpu, tree.peak_rss / 2**20, tree.peak_process_rss / 2**20)
+        cpu_before = tree.cpu_seconds()
+        load = generators.run(url, bodies, concurrency, duration_s)
+        cpu = (tree.cpu_seconds() - cpu_before) / load.elapsed_s
+    run = Run(config, concurrency, len(load.latencies) / load.elapsed_s, load.percentile_ms(0.5),
+              load.percentile_ms(0.95), load.percentile_ms(0.99), len(load.latencies) + load.errors, load.errors,
+              cpu, tree.peak_rss / 2**20, tree.peak_process_rss / 2**20)
     print(f"  {config:10} c={concurrency:<3} {run.images_per_s:6.2f} img/s  p50 {run.p50_ms:7.1f} ms  "
-          f"p99 {run.p99_ms:7.1f} ms  errors {errors}  cpu {cpu:4.2f}  rss {run.peak_rss_mb:6.0f} MB", flush=True)
+          f"p99 {run.p99_ms:7.1f} ms  errors {load.errors}  cpu {cpu:4.2f}  rss {run.peak_rss_mb:6.0f} MB  "
+          f"client cpu {max(load.generator_cpu):4.2f}", flush=True)
     return run
 
 
@@ -233,34 +294,62 @@ def models_alone(report: Report, duration_s: float, env: dict[str, str]) -> None
         print(f"  models    batch {c.batch_size:<3} {c.images_per_s:6.2f} img/s  ({c.median_batch_ms:.1f} ms a batch)")
 
 
-def serve_embedded(workdir: Path, env: dict[str, str]) -> tuple[str, list[subprocess.Popen], list[subprocess.Popen]]:
+@dataclass
+class Service:
+    """A configuration's processes: all of them are stopped at the end and measured."""
+
+    url: str
+    processes: list[subprocess.Popen]
+    models: list[subprocess.Popen]  # those holding the models
+    gateways: list[subprocess.Popen]  # the HTTP front (with the processes it spawns)
+
+
+def serve_embedded(workdir: Path, env: dict[str, str]) -> Service:
     port = free_port()
     gateway = spawn([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env, workdir / "embedded.log")
-    return f"http://127.0.0.1:{port}", [gateway], [gateway]
+    return Service(f"http://127.0.0.1:{port}", [gateway], [gateway], [gateway])
 
 
-def serve_with_workers(workdir: Path, env: dict[str, str]) -> tuple[str, list[subprocess.Popen], list[subprocess.Popen]]:
+def serve_with_workers(workdir: Path, env: dict[str, str], workers: int = 2, gateway_processes: int = 1,
+                       redis_server: str = "redis-server") -> Service:
+    """`workers` x `imagetag worker` behind `imagetag serve --processes gateway_processes`, over a
+    redis-server of their own."""
     redis_port, port = free_port(), free_port()
-    redis = spawn(["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"], {}, workdir / "redis.log")
+    redis = spawn([redis_server, "--port", str(redis_port), "--save", "", "--appendonly", "no"], {},
+                  workdir / "redis.log")
     shared = {**env, "IMAGETAG_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "IMAGETAG_MASTER_KEY": "benchmark"}
-    # Two workers share the two cores: one torch thread each.
-    workers = [
+    # Workers sharing a machine's cores: their torch threads split them.
+    threads = {"IMAGETAG_TORCH_THREADS": str(max(1, psutil.cpu_count() // workers))} if workers > 1 else {}
+    started = [
         spawn([sys.executable, "-m", "service.cli", "worker"],
-              {**shared, "IMAGETAG_TORCH_THREADS": "1", "IMAGETAG_METRICS_PORT": str(free_port())},
-              workdir / f"worker{i}.log")
-        for i in range(2)
+              {**shared, **threads, "IMAGETAG_METRICS_PORT": str(free_port())}, workdir / f"worker{i}.log")
+        for i in range(workers)
     ]
-    gateway = spawn([sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+    gateway = spawn([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
+                     "--processes", str(gateway_processes)],
                     {**shared, "IMAGETAG_INFERENCE": "remote"}, workdir / "gateway.log")
-    processes = [redis, *workers, gateway]
-    return f"http://127.0.0.1:{port}", processes, processes
+    return Service(f"http://127.0.0.1:{port}", [redis, *started, gateway], started, [gateway])
 
 
-def serve_naive(workdir: Path, env: dict[str, str]) -> tuple[str, list[subprocess.Popen], list[subprocess.Popen]]:
+def serve_naive(workdir: Path, env: dict[str, str]) -> Service:
     port = free_port()
     app = spawn([sys.executable, "-m", "uvicorn", "--app-dir", str(REPO / "load-tests"), "naive_app:app",
                  "--port", str(port), "--log-level", "warning"], env, workdir / "naive.log")
-    return f"http://127.0.0.1:{port}", [app], [app]
+    return Service(f"http://127.0.0.1:{port}", [app], [app], [app])
+
+
+def service_env(max_concurrency: int) -> dict[str, str]:
+    """The inference path is what is measured: credentials and per-project limits are lifted (they
+    have tests of their own), so that concurrency 32 is not refused by the cap of 10, and the
+    queue holds every request in flight."""
+    return {
+        "IMAGETAG_AUTH_MODE": "none",
+        "IMAGETAG_LOG_LEVEL": "warning",
+        "IMAGETAG_RATE_LIMIT_PER_S": "100000",
+        "IMAGETAG_RATE_LIMIT_BURST": "100000",
+        "IMAGETAG_MAX_CONCURRENT_PER_PROJECT": "100000",
+        "IMAGETAG_QUEUE_MAX": str(max(256, 2 * max_concurrency)),
+    }
 
 
 def markdown(report: Report) -> str:
@@ -312,18 +401,10 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--configs", nargs="+", default=["embedded", "2 workers", "naive"])
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--generators", type=int, default=1, help="load-generator processes")
     args = parser.parse_args()
 
-    # The inference path is what is measured: credentials and per-project limits are lifted (they
-    # have tests of their own), so that concurrency 32 is not refused by the cap of 10.
-    env = {
-        "IMAGETAG_AUTH_MODE": "none",
-        "IMAGETAG_LOG_LEVEL": "warning",
-        "IMAGETAG_RATE_LIMIT_PER_S": "100000",
-        "IMAGETAG_RATE_LIMIT_BURST": "100000",
-        "IMAGETAG_MAX_CONCURRENT_PER_PROJECT": "1000",
-        "IMAGETAG_QUEUE_MAX": "256",
-    }
+    env = service_env(max(args.concurrency))
     report = Report(
         machine=f"{platform.machine()}, {psutil.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
         f"{platform.processor() or platform.platform()}",
@@ -337,13 +418,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         for config in args.configs:
             print(config, flush=True)
-            url, processes, measured = starters[config](Path(scratch), {**env, "IMAGETAG_DATA_DIR": str(Path(scratch) / config)})
+            service = starters[config](Path(scratch), {**env, "IMAGETAG_DATA_DIR": str(Path(scratch) / config)})
             try:
-                wait_ready(url, processes)
-                for concurrency in args.concurrency:
-                    report.runs.append(measure(config, url, measured, concurrency, args.duration, bodies))
+                wait_ready(service.url, service.processes)
+                with LoadGenerators(args.generators) as generators:
+                    for concurrency in args.concurrency:
+                        report.runs.append(measure(config, service.url, service.processes, concurrency,
+                                                   args.duration, bodies, generators))
             finally:
-                stop(processes)
+                stop(service.processes)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmark.json").write_text(json.dumps(asdict(report), indent=2))
     (args.out / "benchmark.md").write_text(markdown(report))

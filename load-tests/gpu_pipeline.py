@@ -8,7 +8,8 @@
 - fusion alone: `fuse()` per image, on the pipeline's own model outputs.
 
 Each at several batch sizes, over the real photos of tests/photos and tests/evalset/photos,
-printing images/s and, on CUDA, the peak GPU memory of each measurement.
+printing images/s and, on CUDA, the peak GPU memory of each measurement (`--json` writes them too;
+`gpu_benchmark.py` runs this as its first part).
 
     .venv/bin/python load-tests/gpu_pipeline.py --weights ../shared/weights/yolov8n-w8.pt
 """
@@ -16,6 +17,7 @@ printing images/s and, on CUDA, the peak GPU memory of each measurement.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -99,6 +101,7 @@ def main() -> int:
         help="exported detectors (and the reference engine) pad to the square input, as the network path always does",
     )
     parser.add_argument("--skip-reference", action="store_true", help="leave out PIL + TaggingEngine.predict")
+    parser.add_argument("--json", type=Path, help="also write the measurements here (for gpu_benchmark.py)")
     args = parser.parse_args()
 
     if args.threads:
@@ -166,6 +169,13 @@ def main() -> int:
         print_row(stage, size, result, markdown=True)
     fusion_ms = fusion_ms_per_image(pipeline, photos[: min(32, pipeline.buckets[-1])])
     print(f"fusion alone: {fusion_ms:.3f} ms per image (fuse(), on the pipeline's outputs)")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "rows": [{"stage": stage, "batch_size": size, **result} for stage, size, result in rows],
+            "fusion_ms_per_image": fusion_ms,
+        }))
     return 0
 
 

@@ -6,14 +6,21 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from service.protocol.tagging import TaggingOptions
 from service.settings import ConfigurationError, Settings
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from fastapi import FastAPI
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 # How long /readyz says "failed" before the process exits, for whoever is watching it.
@@ -32,9 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         problems = "; ".join(_problem(e) for e in error.errors(include_url=False))
         print(f"imagetag: invalid settings: {problems}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging(settings)
     try:
         return args.run(args, settings)
     except ConfigurationError as error:
@@ -42,7 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-_SETTING_FLAGS = ("host", "port", "tls_certfile", "tls_keyfile")
+_SETTING_FLAGS = ("host", "port", "tls_certfile", "tls_keyfile", "gateway_processes")
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def _problem(error: dict) -> str:
@@ -60,6 +71,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (IMAGETAG_PORT)")
     serve.add_argument("--certfile", dest="tls_certfile", type=Path, help="TLS certificate (PEM): serve HTTPS")
     serve.add_argument("--keyfile", dest="tls_keyfile", type=Path, help="TLS private key (PEM)")
+    serve.add_argument(
+        "--processes",
+        dest="gateway_processes",
+        type=int,
+        metavar="N",
+        help="gateway processes sharing the port, each parsing and decoding requests on its own core "
+        "(IMAGETAG_GATEWAY_PROCESSES, default 1); more than 1 needs IMAGETAG_INFERENCE=remote, the "
+        "models then running once, in `imagetag worker`",
+    )
     serve.set_defaults(run=_serve)
 
     worker = commands.add_parser(
@@ -89,10 +109,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.gateway_processes > 1:
+        return _serve_processes(settings)
     import uvicorn
 
-    from service.app import create_app
-    from service.assembly import build_components
     from service.preflight import check_serve
 
     check_serve(settings)
@@ -102,7 +122,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         failures.append(error)
         asyncio.get_running_loop().call_later(FAILED_READINESS_S, setattr, server, "should_exit", True)
 
-    app = create_app(build_components(settings), on_load_failure=stop)
+    app = _gateway(settings, on_load_failure=stop)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -126,6 +146,77 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def _gateway(settings: Settings, on_load_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
+    from service.app import create_app
+    from service.assembly import build_components
+
+    return create_app(build_components(settings), on_load_failure=on_load_failure)
+
+
+def gateway_process_app() -> FastAPI:
+    """The app of one process of `imagetag serve --processes N`: uvicorn spawns the process and
+    calls this there, and its settings come from the environment the parent exported."""
+    from uvicorn.config import STARTUP_FAILURE
+
+    settings = Settings()
+    _configure_logging(settings)
+    # uvicorn replaces a process that dies however it dies; only this exit status tells it that
+    # the next one would fail the same way, so that it stops instead of restarting forever.
+    try:
+        return _gateway(settings)
+    except ConfigurationError as error:
+        print(f"imagetag: {error}", file=sys.stderr)
+    except Exception:
+        logging.getLogger(__name__).exception("cannot build the gateway")
+    sys.exit(STARTUP_FAILURE)
+
+
+# A process that does not answer the supervisor's health check this long is taken as hung,
+# killed and replaced; uvicorn's 5 s default is short for a host whose every core is busy.
+PROCESS_HEALTHCHECK_S = 30
+
+
+def _serve_processes(settings: Settings) -> int:
+    """N gateway processes on one listening socket, under uvicorn's supervisor: the kernel spreads
+    connections over them, a process that dies is replaced, and one that fails before serving
+    stops them all (exit 1)."""
+    if settings.inference == "local":
+        raise ConfigurationError(
+            f"IMAGETAG_GATEWAY_PROCESSES={settings.gateway_processes} needs IMAGETAG_INFERENCE=remote: with "
+            "local inference each process would load its own copy of the models; run them once in "
+            "`imagetag worker`, or keep one process and raise IMAGETAG_MODEL_REPLICAS"
+        )
+    from uvicorn import Config
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
+
+    from service.preflight import check_serve
+
+    check_serve(settings)
+
+    for name in _SETTING_FLAGS:  # the flags too, as the spawned processes read only the environment
+        if (value := getattr(settings, name)) is not None:
+            os.environ[f"IMAGETAG_{name.upper()}"] = str(value)
+    config = Config(
+        "service.cli:gateway_process_app",
+        factory=True,
+        workers=settings.gateway_processes,
+        host=settings.host,
+        port=settings.port,
+        ssl_certfile=settings.tls_certfile,
+        ssl_keyfile=settings.tls_keyfile,
+        log_level=settings.log_level,
+        proxy_headers=False,  # as in `_serve`: forwarded headers are believed only from IMAGETAG_TRUSTED_PROXIES
+        timeout_worker_healthcheck=PROCESS_HEALTHCHECK_S,
+    )
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
+        print("imagetag: a gateway process failed to start (its error is above); all stopped", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:

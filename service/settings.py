@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    gateway_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="`imagetag serve` processes sharing the port; more than 1 needs IMAGETAG_INFERENCE=remote",
+    )
 
     # Identity and access
     auth_mode: Literal["iam", "none"] = Field(

@@ -6,17 +6,32 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
+import redis
 import requests
 
 from service.cli import main
-from tests.conftest import DETECTOR_WEIGHTS, PHOTOS, REPO, RedisProcess, free_port
+from tests.conftest import (
+    DETECTOR_WEIGHTS,
+    PHOTOS,
+    REPO,
+    RedisProcess,
+    RunningServer,
+    free_port,
+    photo_base64,
+    start_server,
+    stop_server,
+)
+from tests.inference.test_remote import CHANNELS, WorkerProcess, fresh_db, start_worker
 from tests.service import corpus
 
 IMAGETAG = Path(sys.executable).parent / "imagetag"
@@ -286,3 +301,115 @@ def test_the_worker_is_ready_only_with_its_models_and_redis(tmp_path):
         log.close()
         redis_process.stop()
     assert worker.returncode == 0
+
+
+# `imagetag serve --processes N`: several gateways on one port, feeding one worker through Redis
+
+
+def test_several_gateway_processes_need_remote_inference(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("IMAGETAG_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("IMAGETAG_INFERENCE", raising=False)
+    assert main(["serve", "--processes", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "IMAGETAG_GATEWAY_PROCESSES=2 needs IMAGETAG_INFERENCE=remote" in err
+    assert "its own copy of the models" in err and "IMAGETAG_MODEL_REPLICAS" in err
+    assert main(["serve", "--processes", "0"]) == 2
+    assert "IMAGETAG_GATEWAY_PROCESSES: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
+def gateway_processes(server: RunningServer) -> set[int]:
+    """The pids of the gateway processes uvicorn spawned (not multiprocessing's helpers)."""
+    pids = set()
+    for child in psutil.Process(server.process.pid).children():
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):
+                pids.add(child.pid)
+        except psutil.Error:  # gone, or a zombie its parent has yet to reap
+            pass
+    return pids
+
+
+def tag_concurrently(server: RunningServer, count: int) -> list[requests.Response]:
+    """`count` requests at once, each on a connection of its own, so the kernel spreads them."""
+    body = {"image": photo_base64("cat_chelsea.jpg"), "language": "en"}
+
+    def post(_: int) -> requests.Response:
+        return requests.post(server.url("/v1.0/image/tagging"), json=body, timeout=120)
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(post, range(count)))
+
+
+def wait_for_heartbeat(url: str, worker: WorkerProcess) -> None:
+    deadline = time.monotonic() + 180
+    with redis.Redis.from_url(url) as client:
+        while not client.zcard(CHANNELS.workers):
+            assert worker.process.poll() is None, worker.log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.1)
+
+
+def wait_until_every_process_is_ready(server: RunningServer, in_a_row: int = 20) -> None:
+    """/readyz is per process and a connection reaches any one of them: ready `in_a_row` times
+    running, each on a new connection."""
+    deadline, streak = time.monotonic() + 60, 0
+    while streak < in_a_row:
+        assert time.monotonic() < deadline, "not every gateway process turned ready"
+        streak = streak + 1 if requests.get(server.url("/readyz"), timeout=5).status_code == 200 else 0
+        time.sleep(0.05 * (streak == 0))
+
+
+def test_gateway_processes_share_one_port_and_replace_one_that_dies(redis_server: RedisProcess, tmp_path: Path):
+    url = fresh_db(redis_server, 11)
+    worker = start_worker(url, tmp_path)
+    server = None
+    try:
+        wait_for_heartbeat(url, worker)
+        server = start_server(tmp_path, "--processes", "2", env={
+            "IMAGETAG_INFERENCE": "remote", "IMAGETAG_REDIS_URL": url, "IMAGETAG_MASTER_KEY": "gateway-processes-key"})
+        wait_until_every_process_is_ready(server)
+        first = gateway_processes(server)
+        assert len(first) == 2, server.log.read_text()[-3000:]
+
+        # Each gateway process has its own reply stream, made by the worker's first answer to it.
+        with redis.Redis.from_url(url) as client:
+            for _ in range(10):
+                responses = tag_concurrently(server, 8)
+                for response in responses:
+                    assert response.status_code == 200, response.text
+                    assert "cat" in [t["tag"] for t in response.json()["result"]["tags"]]
+                if len(client.keys("imagetag:replies:*")) == 2:
+                    break
+            assert len(client.keys("imagetag:replies:*")) == 2, "one process answered every request"
+
+        killed = min(first)
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while (current := gateway_processes(server)) == first or len(current) < 2:
+            assert server.process.poll() is None, server.log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"not replaced: {current}"
+            time.sleep(0.2)
+        assert killed not in current and len(current) == 2
+        assert "died" in server.log.read_text()
+        wait_until_every_process_is_ready(server)
+        assert all(r.status_code == 200 for r in tag_concurrently(server, 4))
+    finally:
+        if server is not None:
+            stop_server(server)
+        worker.process.terminate()
+        worker.process.wait(timeout=30)
+    assert server.process.returncode == 0
+    assert not [pid for pid in first | current if psutil.pid_exists(pid)], "gateway processes left behind"
+
+
+def test_a_gateway_process_that_cannot_start_stops_them_all(redis_server: RedisProcess, tmp_path: Path):
+    env = {**os.environ, "IMAGETAG_INFERENCE": "remote", "IMAGETAG_REDIS_URL": redis_server.url,
+           "IMAGETAG_DATA_DIR": str(tmp_path), "IMAGETAG_PORT": str(free_port())}
+    env.pop("IMAGETAG_MASTER_KEY", None)  # required with Redis: every process fails as it builds its app
+    result = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--processes", "2"], cwd=REPO,
+                            capture_output=True, text=True, env=env, timeout=180)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "IMAGETAG_MASTER_KEY must be set" in result.stderr
+    last_line = result.stderr.rstrip().splitlines()[-1]
+    assert last_line == "imagetag: a gateway process failed to start (its error is above); all stopped"
