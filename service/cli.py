@@ -89,15 +89,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from service.app import create_app
     from service.assembly import build_components
+    from service.server import uvicorn_options
 
-    uvicorn.run(
-        create_app(build_components(settings)),
-        host=settings.host,
-        port=settings.port,
-        ssl_certfile=settings.tls_certfile,
-        ssl_keyfile=settings.tls_keyfile,
-        log_level=settings.log_level,
-    )
+    uvicorn.run(create_app(build_components(settings)), **uvicorn_options(settings))
     return 0
 
 

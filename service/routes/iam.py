@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.deps import DomainCaller, json_object, receive_body
+from service.deps import DomainCaller, ReceivedBody, json_object, receive_body
 from service.errors import InvalidParameter
 from service.iam import IamService
 from service.protocol.common import ErrorBody
@@ -25,12 +25,12 @@ def iam_service(request: Request) -> IamService:
 Iam = Annotated[IamService, Depends(iam_service)]
 
 
-async def token_request_body(request: Request) -> bytes:
+async def token_request_body(request: Request) -> ReceivedBody:
     # Anyone may try a login: a body longer than any login is refused before it is read whole.
-    return (await receive_body(request, MAX_TOKEN_REQUEST_BYTES)).data
+    return await receive_body(request, MAX_TOKEN_REQUEST_BYTES)
 
 
-TokenRequestBody = Annotated[bytes, Depends(token_request_body)]
+TokenRequestBody = Annotated[ReceivedBody, Depends(token_request_body)]
 
 
 @router.post(

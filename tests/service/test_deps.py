@@ -11,7 +11,7 @@ import httpx
 import pytest
 from starlette.requests import Request
 
-from service.deps import incoming, json_object, raw_body
+from service.deps import ReceivedBody, incoming, json_object, request_body
 from service.errors import InvalidJson, InvalidParameter
 from tests.conftest import photo_base64
 from tests.service.fakes import build_app, serving
@@ -94,7 +94,8 @@ def test_the_authenticator_gets_the_request_as_sent(tmp_path):
     assert seen.client_host == "192.0.2.7"
     # Hashed as it streams in, and read once: the route gets the same bytes afterwards.
     assert asyncio.run(seen.body_sha256()) == hashlib.sha256(b'{"image": "aGVsbG8="}').hexdigest()
-    assert asyncio.run(raw_body(request)) == b'{"image": "aGVsbG8="}'
+    received = asyncio.run(request_body(request))
+    assert (received.data, received.json_separators) == (b'{"image": "aGVsbG8="}', 1)
     assert incoming(Request({**request.scope, "client": None})).client_host is None
 
 
@@ -105,8 +106,8 @@ def test_the_authenticator_gets_the_request_as_sent(tmp_path):
 )
 def test_only_a_json_object_is_a_body(body, message):
     with pytest.raises(InvalidJson, match=message):
-        json_object(body)
-    assert json_object(b'{"image": "x"}') == {"image": "x"}
+        json_object(ReceivedBody.of(body))
+    assert json_object(ReceivedBody.of(b'{"image": "x"}')) == {"image": "x"}
 
 
 def nested(depth: int) -> bytes:
@@ -118,18 +119,19 @@ HOSTILE_JSON = {
     "a 50,000-deep image": (b'{"image": ' + nested(50_000) + b"}", InvalidJson, "brackets and commas"),
     "4 million empty arrays": (b"[" + b"[]," * 3_999_999 + b"[]]", InvalidJson, "brackets and commas"),
     "deeper than the parser goes": (nested(5_000), InvalidJson, "nested too deeply"),
-    "a limit of 5,000 digits": (b'{"image": "x", "limit": ' + b"9" * 5_000 + b"}", InvalidParameter, "5000 characters"),
-    "a threshold of 1 MB of digits": (b'{"threshold": 1.' + b"5" * 1_000_000 + b"}", InvalidParameter, "characters long"),
+    "a limit of 5,000 digits": (b'{"limit": ' + b"9" * 5_000 + b"}", InvalidParameter, "5000 characters"),
+    "a threshold of 1 MB of digits": (b'{"threshold": 1.' + b"5" * 1_000_000 + b"}", InvalidParameter, "long"),
 }
 
 
 @pytest.mark.parametrize("body, error, message", HOSTILE_JSON.values(), ids=HOSTILE_JSON.keys())
 def test_hostile_json_is_refused_with_the_contract_code(body, error, message):
     with pytest.raises(error, match=message):
-        json_object(body)
+        json_object(ReceivedBody.of(body))
 
 
 def test_what_a_request_holds_is_within_the_bounds():
-    assert json_object(b'{"image": "x", "threshold": 30.0, "limit": 150, "language": "en", "url": null}')["limit"] == 150
-    assert json_object(b'{"a": ' + nested(900) + b"}")["a"]  # deep, but within the parser's reach
-    assert json_object(b'{"url": "http://a/' + b"," * 9_990 + b'"}')  # separators inside a string count too
+    request = b'{"image": "x", "threshold": 30.0, "limit": 150, "language": "en", "url": null}'
+    assert json_object(ReceivedBody.of(request))["limit"] == 150
+    assert json_object(ReceivedBody.of(b'{"a": ' + nested(900) + b"}"))["a"]  # deep, within the parser's reach
+    assert json_object(ReceivedBody.of(b'{"url": "http://a/' + b"," * 9_990 + b'"}'))  # inside strings count too
