@@ -79,7 +79,11 @@ async def request_body(request: Request, *, hashed: bool = False) -> ReceivedBod
     return received
 
 
-RequestBody = Annotated[ReceivedBody, Depends(request_body)]
+async def _request_body(request: Request) -> ReceivedBody:
+    return await request_body(request)
+
+
+RequestBody = Annotated[ReceivedBody, Depends(_request_body)]
 
 
 def json_object(body: ReceivedBody) -> dict:

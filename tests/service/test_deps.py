@@ -47,6 +47,12 @@ def test_a_body_over_the_cap_is_refused_whether_declared_or_streamed(tmp_path):
         assert (response.status_code, response.json()["error_code"]) == (413, "APIG.0201")
 
 
+def test_the_documented_parameters_are_the_contract_s(tmp_path):
+    schema = build_app(tmp_path).openapi()["paths"]
+    assert "parameters" not in schema["/v1.0/image/tagging"]["post"]
+    assert [p["name"] for p in schema["/v3/auth/tokens"]["post"]["parameters"]] == ["nocatalog"]
+
+
 def test_sdk_without_project_id_is_told_so(tmp_path):
     (response,) = post_all(build_app(tmp_path), [("/v2/%7Bproject_id%7D/image/tagging", {"json": {"image": CAT}})])
     assert (response.status_code, response.json()["error_code"]) == (400, "AIS.0501")
