@@ -114,6 +114,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from service.preflight import check_serve
+    from service.server import uvicorn_options
 
     check_serve(settings)
     failures: list[BaseException] = []
@@ -123,19 +124,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         asyncio.get_running_loop().call_later(FAILED_READINESS_S, setattr, server, "should_exit", True)
 
     app = _gateway(settings, on_load_failure=stop)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            ssl_certfile=settings.tls_certfile,
-            ssl_keyfile=settings.tls_keyfile,
-            log_level=settings.log_level,
-            # uvicorn would believe X-Forwarded-For from loopback; the gateway reads it itself, and
-            # only from IMAGETAG_TRUSTED_PROXIES (service/deps.client_host).
-            proxy_headers=False,
-        )
-    )
+    server = uvicorn.Server(uvicorn.Config(app, **uvicorn_options(settings)))
     server.run()
     if failures:
         print(f"imagetag: the models failed to load: {_first_line(failures[0])}", file=sys.stderr)
@@ -193,9 +182,9 @@ def _serve_processes(settings: Settings) -> int:
     from uvicorn.supervisors import Multiprocess
 
     from service.preflight import check_serve
+    from service.server import uvicorn_options
 
     check_serve(settings)
-
     for name in _SETTING_FLAGS:  # the flags too, as the spawned processes read only the environment
         if (value := getattr(settings, name)) is not None:
             os.environ[f"IMAGETAG_{name.upper()}"] = str(value)
@@ -203,12 +192,7 @@ def _serve_processes(settings: Settings) -> int:
         "service.cli:gateway_process_app",
         factory=True,
         workers=settings.gateway_processes,
-        host=settings.host,
-        port=settings.port,
-        ssl_certfile=settings.tls_certfile,
-        ssl_keyfile=settings.tls_keyfile,
-        log_level=settings.log_level,
-        proxy_headers=False,  # as in `_serve`: forwarded headers are believed only from IMAGETAG_TRUSTED_PROXIES
+        **uvicorn_options(settings),
         timeout_worker_healthcheck=PROCESS_HEALTHCHECK_S,
     )
     supervisor = Multiprocess(config, sockets=[config.bind_socket()])

@@ -140,6 +140,14 @@ class Settings(BaseSettings):
         description="comma-separated histogram buckets for request latency, in seconds",
     )
 
+    # Connections: what a client may hold before its credentials are checked
+    max_connections: int = Field(
+        1000, ge=1, description="open connections beyond which a new one gets 503 AIS.0506 and is closed"
+    )
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="a request line and headers, together")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request line and headers must arrive within this")
+    body_timeout_s: float = Field(60.0, gt=0, description="a body must arrive within this once its headers have")
+
     # Request limits (contract section 2)
     max_body_bytes: int = 12 * MiB
     max_base64_bytes: int = 10 * MiB

@@ -1,17 +1,19 @@
 """Who is calling, and for which project: `X-Auth-Token` or an SDK-HMAC-SHA256 signature.
 
 No web framework here: the route dependencies hand over an `IncomingRequest` built from the
-wire bytes, and get a `Principal` or one of the catalogue's errors back.
+request head, and get a `Principal` or one of the catalogue's errors back. The body is read only
+for a signature whose access key is known and whose date holds, so that a caller without valid
+credentials never has its body buffered.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from service.auth.signing import ALGORITHM, RequestToSign, parse_authorization, verify
+from service.auth.signing import ALGORITHM, RequestToSign, check_dated, parse_authorization, verify
 from service.errors import InvalidCredentials, MissingCredentials, ProjectForbidden
 from service.identity.models import Project
 from service.identity.store import IdentityStore
@@ -25,7 +27,8 @@ class IncomingRequest:
     query: str
     headers: Mapping[str, str]
     """Lower-case names; the first value of a repeated header."""
-    body: bytes
+    body_sha256: Callable[[], Awaitable[str]]
+    """Reads the body (within its caps) and gives its hex SHA-256."""
     client_host: str | None
 
 
@@ -80,12 +83,13 @@ class Authenticator:
         secret = await self.store.secret_for(parsed.access_key) if key else None
         if key is None or secret is None:
             raise InvalidCredentials("unknown or disabled access key (or its user is disabled)")
+        check_dated(request.headers, parsed, now=datetime.now(UTC), max_skew=self.clock_skew)
         signed = RequestToSign(
             method=request.method,
             path=request.raw_path,
             query=request.query,
             headers=self._as_signed(request),
-            body=request.body,
+            body_sha256=await request.body_sha256(),
         )
         verify(secret, signed, parsed, now=datetime.now(UTC), max_skew=self.clock_skew)
         return Principal(key.user_id, key.domain_id, None, key.ak, "aksk")

@@ -1,8 +1,9 @@
 """SDK-HMAC-SHA256, the AK/SK request signature of the vendor's SDK (contract section 5).
 
 The server recomputes the client's signature from the request exactly as it arrived: the raw
-path and query, the header values, the raw body bytes. Nothing here knows about the web
-framework; the auth dependency builds a `RequestToSign` and calls `verify`.
+path and query, the header values, the hash of the raw body bytes. Nothing here knows about the
+web framework; the auth dependency builds a `RequestToSign` and calls `verify`, after
+`check_dated` has refused what can be refused before the body is read.
 """
 
 from __future__ import annotations
@@ -45,13 +46,13 @@ class SdkAuthorization:
 @dataclass(frozen=True)
 class RequestToSign:
     """A request as received: `path` and `query` raw from the wire (still percent-encoded), header
-    names in any case."""
+    names in any case; the body by its hex SHA-256, taken as it streamed in."""
 
     method: str
     path: str
     query: str
     headers: Mapping[str, str]
-    body: bytes
+    body_sha256: str
 
 
 def parse_authorization(value: str) -> SdkAuthorization:
@@ -89,7 +90,7 @@ def canonical_request(request: RequestToSign, signed_headers: Sequence[str]) -> 
         _canonical_query(request.query),
         canonical_headers,
         ";".join(names),
-        _payload_hash(request.body, headers),
+        _payload_hash(request.body_sha256, headers),
     ])
 
 
@@ -113,20 +114,12 @@ def verify(
 ) -> None:
     """Raise `SignatureError` unless `authorization` signs this very request, dated near `now`
     (timezone-aware)."""
-    if now.tzinfo is None:
-        raise ValueError("now must be timezone-aware")
-    for name in REQUIRED_SIGNED_HEADERS:
-        if name not in authorization.signed_headers:
-            raise SignatureError(f"SignedHeaders must include {name}")
+    check_dated(request.headers, authorization, now=now, max_skew=max_skew)
     headers = _lowered(request.headers)
-    if abs(now - _sdk_date(headers.get("x-sdk-date"))) > max_skew:
-        raise SignatureError(
-            f"X-Sdk-Date is more than {max_skew.total_seconds() / 60:g} minutes off the server's clock"
-        )
     claimed = headers.get("x-sdk-content-sha256", "").strip()
     # The header stands in for the body's hash when it is present, so a copied signature could
     # carry any other body: it must be the real hash (which also refuses UNSIGNED-PAYLOAD).
-    if request.body and claimed and claimed.lower() != hashlib.sha256(request.body).hexdigest():
+    if request.body_sha256 != _EMPTY_SHA256 and claimed and claimed.lower() != request.body_sha256:
         raise SignatureError(
             "X-Sdk-Content-Sha256 must be the SHA-256 of the body; unsigned payloads are refused"
         )
@@ -135,6 +128,22 @@ def verify(
         raise SignatureError(
             "the signature does not match the request: check the SK, and that the path, query, body "
             "and signed headers (Host included) reach the service unchanged"
+        )
+
+
+def check_dated(
+    headers: Mapping[str, str], authorization: SdkAuthorization, *, now: datetime, max_skew: timedelta
+) -> None:
+    """What `verify` refuses without the body: a signature that covers neither Host nor the date,
+    or one dated too far from `now` (timezone-aware)."""
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    for name in REQUIRED_SIGNED_HEADERS:
+        if name not in authorization.signed_headers:
+            raise SignatureError(f"SignedHeaders must include {name}")
+    if abs(now - _sdk_date(_lowered(headers).get("x-sdk-date"))) > max_skew:
+        raise SignatureError(
+            f"X-Sdk-Date is more than {max_skew.total_seconds() / 60:g} minutes off the server's clock"
         )
 
 
@@ -164,10 +173,10 @@ def _canonical_query(query: str) -> str:
     return "&".join(f"{_encode(key)}={_encode(value)}" for key, value in sorted(pairs))
 
 
-def _payload_hash(body: bytes, headers: Mapping[str, str]) -> str:
-    if not body:
+def _payload_hash(body_sha256: str, headers: Mapping[str, str]) -> str:
+    if body_sha256 == _EMPTY_SHA256:
         return _EMPTY_SHA256  # the SDK ignores X-Sdk-Content-Sha256 when there is no body
-    return headers.get("x-sdk-content-sha256", "").strip() or hashlib.sha256(body).hexdigest()
+    return headers.get("x-sdk-content-sha256", "").strip() or body_sha256
 
 
 def _sdk_date(value: str | None) -> datetime:

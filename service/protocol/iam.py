@@ -8,6 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from service.protocol.common import invalid_parameter
 
+# A login is a few hundred bytes (names, a password of at most 1 KiB): a body this large is
+# refused before it is parsed.
+MAX_TOKEN_REQUEST_BYTES = 64 * 1024
+
 
 class _Lenient(BaseModel):
     # IAM clients send more than we read (the SDK adds fields across versions); ignore the rest.

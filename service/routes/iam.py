@@ -7,11 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.deps import ClientHost, DomainCaller, RawBody, json_object
+from service.deps import ClientHost, DomainCaller, ReceivedBody, json_object, receive_body
 from service.errors import InvalidParameter
 from service.iam import IamService
 from service.protocol.common import ErrorBody
-from service.protocol.iam import ProjectList, TokenRequest, TokenResponse
+from service.protocol.iam import MAX_TOKEN_REQUEST_BYTES, ProjectList, TokenRequest, TokenResponse
 
 router = APIRouter(tags=["IAM"])
 
@@ -25,16 +25,24 @@ def iam_service(request: Request) -> IamService:
 Iam = Annotated[IamService, Depends(iam_service)]
 
 
+async def token_request_body(request: Request) -> ReceivedBody:
+    # Anyone may try a login: a body longer than any login is refused before it is read whole.
+    return await receive_body(request, MAX_TOKEN_REQUEST_BYTES)
+
+
+TokenRequestBody = Annotated[ReceivedBody, Depends(token_request_body)]
+
+
 @router.post(
     "/v3/auth/tokens",
     status_code=201,
     response_model=TokenResponse,
-    responses={status: {"model": ErrorBody} for status in (400, 401, 403, 429)},
+    responses={status: {"model": ErrorBody} for status in (400, 401, 403, 413, 429)},
     openapi_extra={"requestBody": {"content": {"application/json": {"schema": TokenRequest.model_json_schema()}}}},
     summary="Password login: a project-scoped token in X-Subject-Token",
 )
 async def create_token(
-    request: Request, body: RawBody, iam: Iam, client_host: ClientHost, nocatalog: str | None = None
+    request: Request, body: TokenRequestBody, iam: Iam, client_host: ClientHost, nocatalog: str | None = None
 ) -> JSONResponse:
     token, response = await iam.login(
         TokenRequest.parse(json_object(body)),

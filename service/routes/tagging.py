@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
-from service.deps import Admitted, RawBody, json_object
+from service.deps import Admitted, Caller, RequestBody, json_object
 from service.protocol.common import ErrorBody
 from service.protocol.tagging import TaggingRequest, TaggingResponse
 from service.tagging import TaggingService
@@ -22,8 +22,9 @@ _BODY_SCHEMA = {
 }
 
 
-async def tagging_request(body: RawBody, admission: Admitted) -> TaggingRequest:
-    # Depends on admission so that credentials are checked before the body is judged.
+async def tagging_request(_credentials: Caller, body: RequestBody, _admission: Admitted) -> TaggingRequest:
+    # FastAPI resolves these in order: credentials before the body is read, the body before the
+    # rate limits count the request, and all three before the body is parsed.
     return TaggingRequest.parse(json_object(body))
 
 

@@ -25,6 +25,7 @@ from inference.fusion import ScoredTag
 from inference.vocabulary import Vocabulary
 from service.app import create_app
 from service.assembly import build_components
+from service.server import uvicorn_options
 from service.settings import Settings
 from tests.conftest import free_port
 
@@ -86,10 +87,7 @@ def gateway(data_dir: Path, inference: FakeInference | None = None, **settings: 
     built = Settings(**(defaults | settings))
     app = create_app(build_components(built, inference=inference))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning",
-        ssl_certfile=built.tls_certfile, ssl_keyfile=built.tls_keyfile, proxy_headers=False,  # as `imagetag serve`
-    ))
+    server = uvicorn.Server(uvicorn.Config(app, **(uvicorn_options(built) | {"port": port, "log_level": "warning"})))
     thread = threading.Thread(target=server.run, name=f"gateway-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -4,14 +4,15 @@ the authenticator, and admission keyed by project. The real app over ASGI, model
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 from starlette.requests import Request
 
-from service.deps import incoming, json_object
-from service.errors import InvalidJson
+from service.deps import ReceivedBody, incoming, json_object, request_body
+from service.errors import InvalidJson, InvalidParameter
 from tests.conftest import photo_base64
 from tests.service.fakes import build_app, serving
 
@@ -46,6 +47,12 @@ def test_a_body_over_the_cap_is_refused_whether_declared_or_streamed(tmp_path):
         assert (response.status_code, response.json()["error_code"]) == (413, "APIG.0201")
 
 
+def test_the_documented_parameters_are_the_contract_s(tmp_path):
+    schema = build_app(tmp_path).openapi()["paths"]
+    assert "parameters" not in schema["/v1.0/image/tagging"]["post"]
+    assert [p["name"] for p in schema["/v3/auth/tokens"]["post"]["parameters"]] == ["nocatalog"]
+
+
 def test_sdk_without_project_id_is_told_so(tmp_path):
     (response,) = post_all(build_app(tmp_path), [("/v2/%7Bproject_id%7D/image/tagging", {"json": {"image": CAT}})])
     assert (response.status_code, response.json()["error_code"]) == (400, "AIS.0501")
@@ -76,17 +83,26 @@ def test_admission_is_per_path_project_and_anonymous_without_one(tmp_path):
     assert anonymous_again.status_code == 429
 
 
-def test_the_authenticator_gets_the_request_as_sent():
+def test_the_authenticator_gets_the_request_as_sent(tmp_path):
+    chunks = [b'{"image": ', b'"aGVsbG8="}']
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+
     request = Request({
         "type": "http", "method": "POST", "path": "/v2/p/a b", "raw_path": b"/v2/p/a%20b", "query_string": b"b=2&a=1",
         "headers": [(b"host", b"example.com"), (b"x-twice", b"first"), (b"x-twice", b"second")],
-        "client": ("192.0.2.7", 40000),
-    })
-    seen = incoming(request, b"{}")
-    assert (seen.method, seen.raw_path, seen.query, seen.body) == ("POST", "/v2/p/a%20b", "b=2&a=1", b"{}")
+        "client": ("192.0.2.7", 40000), "app": build_app(tmp_path),
+    }, receive)
+    seen = incoming(request)
+    assert (seen.method, seen.raw_path, seen.query) == ("POST", "/v2/p/a%20b", "b=2&a=1")
     assert seen.headers == {"host": "example.com", "x-twice": "first"}
     assert seen.client_host == "192.0.2.7"
-    assert incoming(Request({**request.scope, "client": None}), b"").client_host is None
+    # Hashed as it streams in, and read once: the route gets the same bytes afterwards.
+    assert asyncio.run(seen.body_sha256()) == hashlib.sha256(b'{"image": "aGVsbG8="}').hexdigest()
+    received = asyncio.run(request_body(request))
+    assert (received.data, received.json_separators) == (b'{"image": "aGVsbG8="}', 1)
+    assert incoming(Request({**request.scope, "client": None})).client_host is None
 
 
 @pytest.mark.parametrize(
@@ -96,5 +112,32 @@ def test_the_authenticator_gets_the_request_as_sent():
 )
 def test_only_a_json_object_is_a_body(body, message):
     with pytest.raises(InvalidJson, match=message):
-        json_object(body)
-    assert json_object(b'{"image": "x"}') == {"image": "x"}
+        json_object(ReceivedBody.of(body))
+    assert json_object(ReceivedBody.of(b'{"image": "x"}')) == {"image": "x"}
+
+
+def nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+HOSTILE_JSON = {
+    "a 100,000-deep array": (nested(100_000), InvalidJson, "100000 brackets and commas"),
+    "a 50,000-deep image": (b'{"image": ' + nested(50_000) + b"}", InvalidJson, "brackets and commas"),
+    "4 million empty arrays": (b"[" + b"[]," * 3_999_999 + b"[]]", InvalidJson, "brackets and commas"),
+    "deeper than the parser goes": (nested(5_000), InvalidJson, "nested too deeply"),
+    "a limit of 5,000 digits": (b'{"limit": ' + b"9" * 5_000 + b"}", InvalidParameter, "5000 characters"),
+    "a threshold of 1 MB of digits": (b'{"threshold": 1.' + b"5" * 1_000_000 + b"}", InvalidParameter, "long"),
+}
+
+
+@pytest.mark.parametrize("body, error, message", HOSTILE_JSON.values(), ids=HOSTILE_JSON.keys())
+def test_hostile_json_is_refused_with_the_contract_code(body, error, message):
+    with pytest.raises(error, match=message):
+        json_object(ReceivedBody.of(body))
+
+
+def test_what_a_request_holds_is_within_the_bounds():
+    request = b'{"image": "x", "threshold": 30.0, "limit": 150, "language": "en", "url": null}'
+    assert json_object(ReceivedBody.of(request))["limit"] == 150
+    assert json_object(ReceivedBody.of(b'{"a": ' + nested(900) + b"}"))["a"]  # deep, within the parser's reach
+    assert json_object(ReceivedBody.of(b'{"url": "http://a/' + b"," * 9_990 + b'"}'))  # inside strings count too

@@ -7,6 +7,7 @@ run end to end in `tests/service/routes/test_iam.py`; here are the rules behind 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import json
 from dataclasses import dataclass
@@ -23,6 +24,18 @@ from service.identity import SqliteIdentityStore
 
 PROXY = "10.0.0.5"
 BODY = json.dumps({"image": "aGVsbG8="}).encode()
+
+
+class Body:
+    """A request body as the authenticator gets it: read on demand, the reads counted."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.data = data
+        self.reads = 0
+
+    async def sha256(self) -> str:
+        self.reads += 1
+        return hashlib.sha256(self.data).hexdigest()
 
 
 @dataclass
@@ -51,17 +64,18 @@ async def account(tmp_path, *project_names: str) -> Account:
 
 
 def signed(ak: str, sk: str, *, host: str = "tagging.example.com", client_host: str | None = "127.0.0.1",
-           path: str = "/v2.0/image/tagging", **extra: str) -> IncomingRequest:
+           path: str = "/v2.0/image/tagging", body: Body | None = None, **extra: str) -> IncomingRequest:
     """A request as the SDK signs and sends it: the signed Host is `host`."""
     request = SdkRequest(method="POST", schema="https", host=host, resource_path=path, query_params=[],
                          header_params={"Content-Type": "application/json", **extra}, body=BODY)
     Signer(BasicCredentials(ak, sk)).sign(request)
     headers = {name.lower(): value for name, value in request.header_params.items()}
-    return IncomingRequest("POST", path, "", headers, BODY, client_host)
+    return IncomingRequest("POST", path, "", headers, (body or Body(BODY)).sha256, client_host)
 
 
-def with_token(token: str, **extra: str) -> IncomingRequest:
-    return IncomingRequest("POST", "/v2.0/image/tagging", "", {"x-auth-token": token, **extra}, b"", None)
+def with_token(token: str, body: Body | None = None, **extra: str) -> IncomingRequest:
+    headers = {"x-auth-token": token, **extra}
+    return IncomingRequest("POST", "/v2.0/image/tagging", "", headers, (body or Body()).sha256, None)
 
 
 def run(tmp_path, test, *project_names: str):
@@ -127,8 +141,8 @@ def test_an_account_with_one_project_needs_none_named(tmp_path):
 def test_credentials_that_are_missing_or_of_another_kind(tmp_path):
     async def test(a: Account) -> None:
         with pytest.raises(MissingCredentials):
-            await a.authenticator.identify(IncomingRequest("POST", "/", "", {}, b"", None), None)
-        basic = IncomingRequest("POST", "/", "", {"authorization": "Basic YWxpY2U6cGFzcw=="}, b"", None)
+            await a.authenticator.identify(IncomingRequest("POST", "/", "", {}, Body().sha256, None), None)
+        basic = IncomingRequest("POST", "/", "", {"authorization": "Basic YWxpY2U6cGFzcw=="}, Body().sha256, None)
         with pytest.raises(InvalidCredentials, match="unsupported Authorization scheme"):
             await a.authenticator.identify(basic, None)
         await a.store.set_access_key_enabled(a.ak, False)
@@ -145,12 +159,40 @@ def test_behind_a_trusted_proxy_the_signed_host_is_the_forwarded_one(tmp_path):
         forwarded = IncomingRequest(request.method, request.raw_path, request.query,
                                     {**request.headers, "host": "gateway:8080",
                                      "x-forwarded-host": "tagging.example.com, inner.proxy"},
-                                    request.body, request.client_host)
+                                    request.body_sha256, request.client_host)
         assert (await a.authenticator.identify(forwarded, None)).access_key == a.ak
         for client_host in ("192.0.2.1", None, "not-an-address"):  # anyone else may not vouch for a Host
             untrusted = IncomingRequest(forwarded.method, forwarded.raw_path, forwarded.query, forwarded.headers,
-                                        forwarded.body, client_host)
+                                        forwarded.body_sha256, client_host)
             with pytest.raises(InvalidCredentials):
                 await a.authenticator.identify(untrusted, None)
+
+    run(tmp_path, test)
+
+
+def test_the_body_is_read_only_for_a_signature_worth_checking(tmp_path):
+    async def test(a: Account) -> None:
+        unread = {"token": Body(BODY), "bad token": Body(BODY), "none": Body(BODY), "unknown key": Body(BODY),
+                  "stale date": Body(BODY)}
+        await a.authenticator.identify(with_token(a.token, unread["token"]), None)
+        refused = [
+            with_token("not-a-token", unread["bad token"]),
+            IncomingRequest("POST", "/", "", {}, unread["none"].sha256, None),
+            signed("AKUNKNOWN0000000000", a.sk, body=unread["unknown key"]),
+        ]
+        stale = signed(a.ak, a.sk, body=unread["stale date"])
+        refused.append(IncomingRequest(stale.method, stale.raw_path, stale.query,
+                                       {**stale.headers, "x-sdk-date": "20200101T000000Z"},
+                                       stale.body_sha256, stale.client_host))
+        for request in refused:
+            with pytest.raises((MissingCredentials, InvalidCredentials)):
+                await a.authenticator.identify(request, None)
+        assert {name: body.reads for name, body in unread.items()} == dict.fromkeys(unread, 0)
+
+        read = {"right key": Body(BODY), "wrong secret": Body(BODY)}
+        await a.authenticator.identify(signed(a.ak, a.sk, body=read["right key"]), None)
+        with pytest.raises(InvalidCredentials, match="signature does not match"):
+            await a.authenticator.identify(signed(a.ak, a.sk + "x", body=read["wrong secret"]), None)
+        assert {name: body.reads for name, body in read.items()} == dict.fromkeys(read, 1)
 
     run(tmp_path, test)

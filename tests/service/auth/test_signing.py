@@ -38,9 +38,13 @@ TAGGING_BODY = b'{"image": "aGVsbG8=", "language": "en", "threshold": 30.0, "lim
 GET_SIGNED = ("host", "user-agent", "x-sdk-date")
 
 
+def sha256(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
 def wire(method: str, target: str, headers: dict[str, str], body: bytes = b"") -> RequestToSign:
     path, _, query = target.partition("?")
-    return RequestToSign(method, path, query, headers, body)
+    return RequestToSign(method, path, query, headers, sha256(body))
 
 
 def vector_1() -> tuple[RequestToSign, SdkAuthorization]:
@@ -144,7 +148,7 @@ def sdk_signed_wire(
     Signer(BasicCredentials(AK, SK)).sign(sdk_request)
     sent = requests.Request(method, sdk_request.url, headers=sdk_request.header_params, data=body).prepare()
     path, _, query_string = sent.path_url.partition("?")
-    request = RequestToSign(method, path, query_string, sent.headers, sent.body or b"")
+    request = RequestToSign(method, path, query_string, sent.headers, sha256(sent.body or b""))
     return request, parse_authorization(sent.headers["Authorization"])
 
 
@@ -216,7 +220,7 @@ def test_image_client_request_verifies_end_to_end():
     client.run_image_tagging(RunImageTaggingRequest(body=body))
     [sent] = capture.sent
     path, _, query = sent.path_url.partition("?")
-    request = RequestToSign(sent.method, path, query, sent.headers, sent.body)
+    request = RequestToSign(sent.method, path, query, sent.headers, sha256(sent.body))
     authorization = parse_authorization(sent.headers["Authorization"])
     assert {"host", "x-sdk-date", "x-project-id"} <= set(authorization.signed_headers)
     verify(SK, request, authorization, now=datetime.now(timezone.utc))
@@ -237,15 +241,15 @@ def test_wrong_secret_key_is_refused_without_leaking():
 
 def test_tampered_body_is_refused():
     request, authorization = vector_1()
-    tampered = replace(request, body=TAGGING_BODY.replace(b'"limit": 5', b'"limit": 6'))
+    tampered = replace(request, body_sha256=sha256(TAGGING_BODY.replace(b'"limit": 5', b'"limit": 6')))
     with pytest.raises(SignatureError):
         verify(SK, tampered, authorization, now=SIGNED_AT)
 
 
 def test_content_sha256_header_cannot_stand_in_for_another_body():
     request, authorization = vector_1()
-    forged_headers = {**request.headers, "X-Sdk-Content-Sha256": hashlib.sha256(TAGGING_BODY).hexdigest()}
-    forged = replace(request, headers=forged_headers, body=b'{"url": "http://evil/"}')
+    forged_headers = {**request.headers, "X-Sdk-Content-Sha256": sha256(TAGGING_BODY)}
+    forged = replace(request, headers=forged_headers, body_sha256=sha256(b'{"url": "http://evil/"}'))
     with pytest.raises(SignatureError, match="X-Sdk-Content-Sha256"):
         verify(SK, forged, authorization, now=SIGNED_AT)
 

@@ -427,6 +427,28 @@ def test_behind_a_trusted_proxy_the_forwarded_client_is_limited(tmp_path):
         assert through_proxy(dev, "198.51.100.7") == 201  # the real user, behind the same proxy
 
 
+def test_hostile_login_bodies_get_the_contract_400(deployment):
+    url = f"{deployment.url}/v3/auth/tokens"
+    deep = b"[" * 30_000 + b"]" * 30_000  # within the 64 KiB a login may take
+    assert_error(requests.post(url, data=deep, timeout=30), 400, "AIS.0014")
+    long_number = b'{"auth": {"identity": ' + b"9" * 5_000 + b"}}"
+    assert_error(requests.post(url, data=long_number, timeout=30), 400, "AIS.0501")
+
+
+def test_a_login_body_larger_than_a_login_is_refused_unread(deployment):
+    url = f"{deployment.url}/v3/auth/tokens"
+    empty_arrays = b"[" + b"[]," * 4_000_000 + b"[]]"  # 12 MB: parsed, it took seconds
+    started = time.monotonic()
+    assert_error(requests.post(url, data=empty_arrays, timeout=30), 413, "APIG.0201")
+    assert time.monotonic() - started < 5
+
+    def streamed():  # no Content-Length: counted as it arrives
+        yield b"{" + b" " * (64 * 1024)
+        yield b"}"
+
+    assert_error(requests.post(url, data=streamed(), timeout=30), 413, "APIG.0201")
+
+
 # --- limits shared through Redis ----------------------------------------------------------------
 
 def test_two_gateways_enforce_one_rate_limit(deployment):
