@@ -14,7 +14,7 @@ from service.errors import BodyTooLarge, InvalidJson, InvalidParameter
 
 # The SDK sends this literal (URL-decoded) when it was given no project id.
 _UNSET_PROJECT = "{project_id}"
-_PROJECT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+PROJECT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 async def read_body(request: Request) -> bytes:
@@ -55,7 +55,7 @@ def path_project(request: Request) -> str | None:
             "the path holds the placeholder {project_id}: give the SDK a project id "
             "(BasicCredentials(ak, sk, project_id)) or a region and IAM endpoint to discover it"
         )
-    if not _PROJECT_ID.fullmatch(project_id):
+    if not PROJECT_ID.fullmatch(project_id):
         raise InvalidParameter(f"project_id {project_id!r} is not a valid project id")
     return project_id
 
