@@ -40,10 +40,10 @@ async function signIn(event) {
   const response = await fetch("v3/auth/tokens?nocatalog=true", {
     method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
   });
+  $("password").value = "";
   if (!response.ok) return say(`Sign-in failed: ${await failure(response)}`, true);
   const {token} = await response.json();
   session = {token: response.headers.get("X-Subject-Token"), projectId: token.project.id};
-  $("password").value = "";
   $("who").textContent = token.user.name;
   $("project-name").textContent = token.project.name;
   showSignedIn(true);

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -35,6 +37,17 @@ class Browser:
             elif message["method"] == "Network.loadingFailed" and params.get("blockedReason") == "csp":
                 blocked.add(params["requestId"])
         return [url for request_id, url in urls.items() if request_id not in blocked]
+
+    def wait_for(self, find: Callable[[], Any], timeout_s: float = 120) -> Any:
+        """What `find` returns, once it is truthy."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = find()
+            if found:
+                return found
+            page = self.driver.execute_script("return document.body ? document.body.innerText : ''")
+            assert time.monotonic() < deadline, f"timed out on {self.driver.current_url}, which shows: {page[-500:]}"
+            time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 
 import httpx
 from selenium.webdriver.common.by import By
@@ -41,14 +40,6 @@ def test_the_pages_name_only_assets_the_service_serves(tmp_path):
         assert "img-src 'self' data:;" in responses[page].headers["Content-Security-Policy"]
 
 
-def wait_for(find, timeout_s: float = 30):
-    deadline = time.monotonic() + timeout_s
-    while not (found := find()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-    return found
-
-
 def test_swagger_ui_and_redoc_render_every_operation_offline(tmp_path, browser):
     with gateway(tmp_path, auth_mode="iam") as server:
         spec = httpx.get(server.url("/openapi.json")).json()
@@ -56,14 +47,14 @@ def test_swagger_ui_and_redoc_render_every_operation_offline(tmp_path, browser):
         browser.requested_urls()
 
         browser.driver.get(server.url("/docs"))
-        blocks = wait_for(lambda: browser.driver.find_elements(By.CSS_SELECTOR, ".opblock-summary"))
+        blocks = browser.wait_for(lambda: browser.driver.find_elements(By.CSS_SELECTOR, ".opblock-summary"))
         assert {b.find_element(By.CSS_SELECTOR, ".opblock-summary-description").text for b in blocks} == summaries
         assert any(b.find_element(By.CSS_SELECTOR, ".opblock-summary-path").text == "/v2/{project_id}/image/tagging"
                    for b in blocks)
         assert browser.driver.find_element(By.CSS_SELECTOR, ".btn.authorize")  # the security schemes
 
         browser.driver.get(server.url("/redoc"))
-        wait_for(lambda: all(s in browser.driver.find_element(By.TAG_NAME, "body").text for s in summaries))
+        browser.wait_for(lambda: all(s in browser.driver.find_element(By.TAG_NAME, "body").text for s in summaries))
 
         requested = browser.requested_urls()
         assert f"{server.url(ASSETS_PATH)}/swagger-ui-bundle.js" in requested
