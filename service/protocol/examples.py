@@ -34,27 +34,21 @@ SMALL_PNG_BASE64 = (
     "iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAGklEQVR42mM8UaHBQApgYiARjGoY1TB0NAAAgJwBiHEHVqAAAAAASUVORK5CYII="
 )
 
-_CAT = {
-    "confidence": "97.12",
-    "type": "object",
-    "tag": "cat",
-    "i18n_tag": {"zh": "猫", "en": "cat"},
-    "i18n_type": {"zh": "动物", "en": "Animal"},
-    "instances": [
-        {
-            "confidence": "91.40",
-            "bounding_box": {"top_left_x": 53.13, "top_left_y": 24.21, "width": 312.5, "height": 276.0},
-        }
-    ],
-}
-_ANIMAL = {
-    "confidence": "97.12",
-    "type": "concept",
-    "tag": "animal",
-    "i18n_tag": {"zh": "动物", "en": "animal"},
-    "i18n_type": {"zh": "动物", "en": "Animal"},
-    "instances": [],
-}
+
+def _animal_tag(en: str, zh: str, kind: str, instances: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "confidence": "97.12",
+        "type": kind,
+        "tag": en,
+        "i18n_tag": {"zh": zh, "en": en},
+        "i18n_type": {"zh": "动物", "en": "Animal"},
+        "instances": instances,
+    }
+
+
+_BOX = {"top_left_x": 53.13, "top_left_y": 24.21, "width": 312.5, "height": 276.0}
+_CAT = _animal_tag("cat", "猫", "object", [{"confidence": "91.40", "bounding_box": _BOX}])
+_ANIMAL = _animal_tag("animal", "动物", "concept", [])
 _DOMAIN = {"id": "8f2c1e6d4b3a49c0a1b2c3d4e5f60718", "name": "demo-account"}
 _PROJECT = {"id": "0123456789abcdef0123456789abcdef", "name": "cn-north-4", "domain": _DOMAIN}
 

@@ -17,9 +17,15 @@ _STATIC = files("service") / "static" / "demo"
 _MEDIA_TYPES = {"demo.js": "text/javascript", "demo.css": "text/css"}
 
 
+# The page's own files and the API only; images from anywhere, as a URL to tag is shown as it is.
+CONTENT_SECURITY_POLICY = "default-src 'self'; img-src * data: blob:; object-src 'none'; base-uri 'none'"
+
+
 @router.get("/")
 async def page() -> FileResponse:
-    return FileResponse(str(_STATIC / "index.html"), media_type="text/html")
+    return FileResponse(
+        str(_STATIC / "index.html"), media_type="text/html", headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY}
+    )
 
 
 @router.get("/demo/config")

@@ -7,6 +7,8 @@ swagger-ui-dist (Apache-2.0) and Redoc (MIT) as files; only those files are used
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from importlib.resources import files
 
 from fastapi import APIRouter, Request
@@ -37,37 +39,29 @@ _HEADERS = {"Content-Security-Policy": CONTENT_SECURITY_POLICY}
 SWAGGER_UI_PARAMETERS = {"validatorUrl": None}
 
 
-def _root(request: Request) -> str:
-    return request.scope.get("root_path", "")
+def _page(request: Request, render: Callable[..., HTMLResponse], **assets: str) -> HTMLResponse:
+    """`render`'s page, pointed at the OpenAPI document and the packaged `assets`, behind any proxy prefix."""
+    root = request.scope.get("root_path", "")
+    page = render(
+        openapi_url=f"{root}{request.app.openapi_url}",
+        title=f"{request.app.title} API",
+        **{argument: f"{root}{ASSETS_PATH}/{name}" for argument, name in assets.items()},
+    )
+    page.headers.update(_HEADERS)
+    return page
 
 
 @router.get("/docs")
 async def swagger_ui(request: Request) -> HTMLResponse:
-    root = _root(request)
-    page = get_swagger_ui_html(
-        openapi_url=f"{root}{request.app.openapi_url}",
-        title=f"{request.app.title} API",
-        swagger_js_url=f"{root}{ASSETS_PATH}/swagger-ui-bundle.js",
-        swagger_css_url=f"{root}{ASSETS_PATH}/swagger-ui.css",
-        swagger_favicon_url=f"{root}{ASSETS_PATH}/favicon.png",
-        swagger_ui_parameters=SWAGGER_UI_PARAMETERS,
-    )
-    page.headers.update(_HEADERS)
-    return page
+    swagger = partial(get_swagger_ui_html, swagger_ui_parameters=SWAGGER_UI_PARAMETERS)
+    assets = {"swagger_js_url": "swagger-ui-bundle.js", "swagger_css_url": "swagger-ui.css"}
+    return _page(request, swagger, swagger_favicon_url="favicon.png", **assets)
 
 
 @router.get("/redoc")
 async def redoc(request: Request) -> HTMLResponse:
-    root = _root(request)
-    page = get_redoc_html(
-        openapi_url=f"{root}{request.app.openapi_url}",
-        title=f"{request.app.title} API",
-        redoc_js_url=f"{root}{ASSETS_PATH}/redoc.standalone.js",
-        redoc_favicon_url=f"{root}{ASSETS_PATH}/favicon.png",
-        with_google_fonts=False,
-    )
-    page.headers.update(_HEADERS)
-    return page
+    redoc = partial(get_redoc_html, with_google_fonts=False)
+    return _page(request, redoc, redoc_js_url="redoc.standalone.js", redoc_favicon_url="favicon.png")
 
 
 @router.get(ASSETS_PATH + "/{name}")

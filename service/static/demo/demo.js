@@ -99,6 +99,8 @@ async function tag(event) {
     const {result} = await response.json();
     await show(file ? URL.createObjectURL(file) : url, result.tags);
     say(`${result.tags.length} tag${result.tags.length === 1 ? "" : "s"}.`);
+  } catch (error) {
+    say(`The service could not be reached: ${error.message}`, true);
   } finally {
     $("submit").disabled = false;
   }

@@ -50,6 +50,7 @@ def test_the_page_its_files_and_its_config(tmp_path):
 
     responses = asyncio.run(main())
     assert responses["/"].headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in responses["/"].headers["content-security-policy"]
     assert responses["/demo/demo.js"].headers["content-type"].startswith("text/javascript")
     assert responses["/demo/demo.css"].headers["content-type"].startswith("text/css")
     for missing in ("/demo/secrets.txt", "/demo/..%2Fapp.py"):
