@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -11,7 +12,10 @@ import sys
 from html.parser import HTMLParser
 
 import httpx
+from PIL import Image
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select
 
 from tests.conftest import PHOTOS, REPO
@@ -79,6 +83,17 @@ def tag_the_cat(browser) -> None:
     driver.find_element(By.ID, "submit").click()
 
 
+def drop_the_cat(browser) -> None:
+    """Drops the photo on the drop zone, as a file dragged from the desktop arrives."""
+    browser.driver.execute_script(
+        """const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+        const dropped = new DataTransfer();
+        dropped.items.add(new File([bytes], "cat.jpg", {type: "image/jpeg"}));
+        document.getElementById("drop-zone").dispatchEvent(new DragEvent("drop", {dataTransfer: dropped}));""",
+        base64.b64encode(CAT.read_bytes()).decode(),
+    )
+
+
 def status(browser) -> str:
     return browser.driver.find_element(By.ID, "status").text
 
@@ -135,12 +150,37 @@ def test_with_iam_the_page_signs_in_tags_with_the_token_and_signs_out(tmp_path, 
         assert driver.find_element(By.ID, "who").text == credentials["user"]
         assert driver.switch_to.active_element == driver.find_element(By.ID, "sign-out")
 
+        driver.find_element(By.ID, "file").clear()
+        drop_the_cat(browser)
+        assert status(browser) == "Chosen: cat.jpg"
         driver.find_element(By.ID, "submit").click()
         assert "cat" in browser.wait_for(lambda: table(browser))
-        assert len(server.inference.images) == 1
+        (image,) = server.inference.images
+        with Image.open(CAT) as photo:
+            assert image.size == photo.size
 
         driver.find_element(By.ID, "sign-out").click()
         browser.wait_for(lambda: status(browser) == "Signed out.")
         assert driver.find_element(By.ID, "login-form").is_displayed()
         project = credentials["project_id"]
         assert any(f"/v2/{project}/image/tagging" in url for url in browser.requested_urls())
+
+
+def test_by_keyboard_alone_a_url_is_tagged(tmp_path, browser, files_server):
+    with gateway(tmp_path, url_allowed_networks=["127.0.0.1/32"]) as server:
+        open_page(browser, server.base_url)
+        driver = browser.driver
+        reached = []
+        for _ in range(12):
+            ActionChains(driver).send_keys(Keys.TAB).perform()
+            reached.append(driver.switch_to.active_element.get_attribute("id") or driver.switch_to.active_element.tag_name)
+        controls = ["file", "url", "language", "threshold", "limit", "submit"]
+        assert [r for r in reached if r in controls][: len(controls)] == controls
+
+        driver.find_element(By.ID, "url").click()
+        ActionChains(driver).send_keys(f"{files_server}/cat_chelsea.jpg", Keys.ENTER).perform()
+        assert "猫" in browser.wait_for(lambda: table(browser))  # the API's default language, zh
+        preview = driver.find_element(By.ID, "preview")
+        assert preview.get_attribute("src") == f"{files_server}/cat_chelsea.jpg"
+        with Image.open(CAT) as photo:
+            assert [image.size for image in server.inference.images] == [photo.size]
