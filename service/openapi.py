@@ -127,7 +127,7 @@ def document(app: FastAPI, *, auth: bool) -> dict[str, Any]:
     )
     components = spec.setdefault("components", {})
     components["securitySchemes"] = SECURITY_SCHEMES
-    for route, method, operation in _operations(app, spec):
+    for route, operation in _operations(app, spec):
         _declare_path_parameters(route.path_format, operation)
         _describe(route, operation, auth=auth)
         _add_examples(operation)
@@ -137,12 +137,12 @@ def document(app: FastAPI, *, auth: bool) -> dict[str, Any]:
     return spec
 
 
-def _operations(app: FastAPI, spec: dict[str, Any]) -> Iterator[tuple[RouteContext, str, dict[str, Any]]]:
+def _operations(app: FastAPI, spec: dict[str, Any]) -> Iterator[tuple[RouteContext, dict[str, Any]]]:
     # Route contexts, not app.routes: an included router stays one entry there.
     for route in iter_route_contexts(app.routes):
         if isinstance(route.original_route, APIRoute) and route.include_in_schema:
             for method in sorted(route.methods):
-                yield route, method, spec["paths"][route.path_format][method.lower()]
+                yield route, spec["paths"][route.path_format][method.lower()]
 
 
 def _depends_on(dependant: Dependant, *calls: Callable[..., Any]) -> bool:
