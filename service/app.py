@@ -21,7 +21,8 @@ from service.errors import InternalError, Overloaded, RouteNotFound, ServiceErro
 from service.metrics import ERROR_CODE_STATE, RequestMetricsMiddleware
 from service.metrics import router as metrics_router
 from service.protocol.common import invalid_parameter
-from service.routes import health, iam, tagging
+from service.openapi import install as install_openapi
+from service.routes import demo, docs, health, iam, tagging
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,10 @@ def create_app(
         summary="Self-hosted, drop-in image tagging API",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served by routes.docs, without a CDN
+        redoc_url=None,
     )
+    install_openapi(app)
     app.state.settings = components.settings
     app.state.inference = inference
     app.state.load_failure = None
@@ -72,6 +76,8 @@ def create_app(
     app.include_router(iam.router)
     app.include_router(health.router)
     app.include_router(metrics_router)
+    app.include_router(docs.router)
+    app.include_router(demo.router)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -24,7 +24,7 @@ from service.networks import client_address
 
 # The SDK sends this literal (URL-decoded) when it was given no project id.
 _UNSET_PROJECT = "{project_id}"
-_PROJECT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+PROJECT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Parsing costs time by the values in a body, not by its bytes: a request has a dozen brackets
 # and commas, and a body with more than this many is refused before it is parsed.
 _MAX_JSON_SEPARATORS = 10_000
@@ -130,7 +130,7 @@ def path_project(request: Request) -> str | None:
             "the path holds the placeholder {project_id}: give the SDK a project id "
             "(BasicCredentials(ak, sk, project_id)) or a region and IAM endpoint to discover it"
         )
-    if not _PROJECT_ID.fullmatch(project_id):
+    if not PROJECT_ID.fullmatch(project_id):
         raise InvalidParameter(f"project_id {project_id!r} is not a valid project id")
     return project_id
 

@@ -116,6 +116,10 @@ def test_quick_start_writes_to_the_data_folder_and_serves_the_sample_flow(instal
                                  json={"image": image, "language": "en", "limit": 3}, timeout=60)
         assert response.status_code == 200, response.text
         assert "cat" in [t["tag"] for t in response.json()["result"]["tags"]]
+        # The demo page and the documentation's assets are package data of the wheel.
+        assert "demo/demo.js" in requests.get(f"{base}/", timeout=10).text
+        for asset in ("/demo/demo.js", "/docs/assets/swagger-ui-bundle.js"):
+            assert requests.get(f"{base}{asset}", timeout=10).status_code == 200, asset
     finally:
         server.terminate()
         server.wait(timeout=30)

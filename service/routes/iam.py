@@ -37,7 +37,10 @@ TokenRequestBody = Annotated[ReceivedBody, Depends(token_request_body)]
     "/v3/auth/tokens",
     status_code=201,
     response_model=TokenResponse,
-    responses={status: {"model": ErrorBody} for status in (400, 401, 403, 413, 429)},
+    responses={
+        201: {"headers": {"X-Subject-Token": {"description": "The token, for X-Auth-Token", "schema": {"type": "string"}}}},
+        **{status: {"model": ErrorBody} for status in (400, 401, 403, 413, 429)},
+    },
     openapi_extra={"requestBody": {"content": {"application/json": {"schema": TokenRequest.model_json_schema()}}}},
     summary="Password login: a project-scoped token in X-Subject-Token",
 )

@@ -338,7 +338,8 @@ def test_dockerignore_keeps_secrets_weights_and_clutter_out(ignore_rules) -> Non
                      "imagetag.egg-info/PKG-INFO", "helm/Chart.yaml"]:
         assert not in_context(kept_out, ignore_rules), kept_out
     for sent in ["pyproject.toml", "README.md", "service/cli.py", "inference/vocab/x.tsv",
-                 "service/weights_manifest.toml", "docker/healthcheck.py", "docker/constraints.txt"]:
+                 "service/weights_manifest.toml", "service/static/demo/index.html", "docker/healthcheck.py",
+                 "docker/constraints.txt"]:
         assert in_context(sent, ignore_rules), sent
 
 
