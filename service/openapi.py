@@ -175,7 +175,7 @@ def _describe(route: RouteContext, operation: dict[str, Any], *, auth: bool) -> 
             responses.pop(status, None)
     if scoped and "{project_id}" not in route.path_format:
         operation.setdefault("parameters", []).append(PROJECT_HEADER)
-    if _depends_on(route.dependant, deps.read_body):
+    if "requestBody" in operation:  # every body is read under a size cap
         responses.setdefault("413", {})
     if "429" in responses:
         responses.setdefault("503", {})  # what guards the rate (Redis) can be away
