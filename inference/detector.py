@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from inference.results import Box
+
+
 class DetectorLoadError(RuntimeError):
     """The configured weights cannot be used; raised at start-up with a message for operators."""
-
-
-@dataclass(frozen=True)
-class Box:
-    class_name: str
-    confidence: float
-    """The detector's own score, 0..1."""
-    x: float
-    y: float
-    width: float
-    height: float
 
 
 def require_weights(weights: Path) -> None:

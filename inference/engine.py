@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
-
 import torch
 from PIL import Image
 
 from inference.classifier import Classifier
-from inference.detector import Box, Detector, DetectorLoadError, require_weights
-from inference.fusion import Calibration, ScoredTag, fuse
+from inference.client import FailureCounter
+from inference.detector import Detector, DetectorLoadError, require_weights
+from inference.fusion import Calibration, fuse
+from inference.results import Box, ModelError, ScoredTag
 from inference.runtimes import (
     configure_openvino_detector,
     default_cache_dir,
@@ -23,17 +23,6 @@ from inference.runtimes import (
 from inference.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
-
-
-class ModelError(RuntimeError):
-    """The models failed on one image; carried in that image's result slot."""
-
-
-class FailureCounter(Protocol):
-    """Counts batches that failed and were retried image by image; a prometheus `Counter` is one.
-    The caller owns it, so the engine records a number and the service decides how to export it."""
-
-    def inc(self, amount: float = 1) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -84,7 +73,10 @@ class TaggingEngine:
         self.failed_batches = failed_batches
 
     @classmethod
-    def build(cls, config: EngineConfig, failed_batches: FailureCounter | None = None) -> TaggingEngine:
+    def build(
+        cls, config: EngineConfig, failed_batches: FailureCounter | None = None, warm: bool = True
+    ) -> TaggingEngine:
+        """`warm`: run one image through `predict` (a caller that serves otherwise warms its own way)."""
         for weights in config.detector_weights:  # before minutes of classifier set-up, not after
             require_weights(weights)
         keep_runtimes_offline()
@@ -124,7 +116,8 @@ class TaggingEngine:
             for weights in config.detector_weights
         )
         engine = cls(vocabulary, classifier, detectors, calibration, failed_batches)
-        engine.warm_up()
+        if warm:
+            engine.warm_up()
         log.info(
             "models ready on %s: classifier on %s, detectors %s",
             device,

@@ -26,23 +26,21 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 
 import torch
 from PIL import Image
 
 from inference.classifier import INPUT_SIZE, crop_and_resize, normalize
-from inference.client import TagResult
-from inference.detector import Box, Detector
+from inference.client import FailureCounter
+from inference.detector import Detector
 from inference.device_images import LETTERBOX_GREY, Placement, decode_images, letterbox_into
-from inference.engine import EngineConfig, FailureCounter, ModelError, TaggingEngine, run_or_retry_each
-from inference.fusion import ScoredTag, fuse
+from inference.engine import EngineConfig, TaggingEngine, run_or_retry_each
+from inference.fusion import fuse
 from inference.image_header import ImageRejected
+from inference.results import Box, ScoredTag, TagResult, UndecodableImage
 
-
-class UndecodableImage(ModelError):
-    """The image was not decoded (unreadable, or a header size outside the limits); carried in
-    that image's result slot."""
-
+log = logging.getLogger(__name__)
 
 def bucket_sizes(max_batch: int) -> tuple[int, ...]:
     """Powers of two up to `max_batch`, and `max_batch` itself."""
@@ -119,11 +117,18 @@ class DevicePipeline:
 
     @classmethod
     def build(
-        cls, config: EngineConfig, max_batch: int = 64, failed_batches: FailureCounter | None = None
+        cls,
+        config: EngineConfig,
+        max_batch: int = 64,
+        failed_batches: FailureCounter | None = None,
+        side_limits: tuple[int, int] | None = None,
     ) -> DevicePipeline:
         """The engine's models behind a pipeline, every bucket warmed."""
-        pipeline = cls(TaggingEngine.build(config, failed_batches), max_batch, failed_batches)
+        engine = TaggingEngine.build(config, failed_batches, warm=False)
+        pipeline = cls(engine, max_batch, failed_batches, side_limits=side_limits)
         pipeline.warm_up()
+        padding = f", padded to {', '.join(map(str, pipeline.buckets))}" if pipeline.pad_to_buckets else ""
+        log.info("serving on %s: batches of up to %d images%s", pipeline.device, max_batch, padding)
         return pipeline
 
     def batch_size_for(self, count: int) -> int:

@@ -25,7 +25,8 @@ from inference.detector import Box, Detector
 from inference.device_images import decode_images
 from inference.engine import EngineConfig, ModelError, TaggingEngine
 from inference.image_header import decode_with_pil
-from inference.pipeline import DevicePipeline, UndecodableImage
+from inference.pipeline import DevicePipeline
+from inference.results import UndecodableImage
 from tests.conftest import DETECTOR_WEIGHTS, PHOTOS
 
 TAG_FLOOR = 0.05
