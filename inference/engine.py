@@ -43,9 +43,6 @@ class EngineConfig:
     """auto, torch, onnx or openvino; applies to `.pt` weights (an exported file runs as it is)."""
     runtime_cache_dir: Path | None = None
     """Where ONNX/OpenVINO exports are made once and reused; None: the user's cache folder."""
-    detector_square_letterbox: bool = False
-    """Pad every image to the detector's square input, as inference/pipeline.py always does,
-    instead of ultralytics' tightest rectangle for a lone image (what the calibration was fitted on)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,7 +101,6 @@ class TaggingEngine:
                 config.detector_image_size,
                 config.detector_min_confidence,
                 upscale_small=calibration.detector_upscale_small,
-                square_letterbox=config.detector_square_letterbox,
             )
             configure_openvino_detector(detector, config.torch_threads)
             return detector

@@ -15,11 +15,9 @@ its images are retried one by one, so it shows up as an error, not as slowness.
 image at a time); detectors exported to other formats (ONNX, OpenVINO, TFLite) keep running
 through ultralytics as `inference/detector.py` sets them up.
 
-The letterbox is the square input on every device, so CPU and CUDA see the same picture and
-their boxes agree. The shipped calibration was fitted on the engine's CPU path, where ultralytics
-pads a lone image only to the tightest rectangle; on the test photos the square moved a tag's
-confidence by up to 0.07 (tests/inference/test_pipeline.py), so the quality report is worth
-re-running on this path (`EngineConfig.detector_square_letterbox`) before it serves traffic.
+The letterbox is the square input on every device and every path (exported detectors included:
+inference/detector.py pads the same way), so CPU and CUDA see the same picture and their boxes
+agree; the shipped calibration was fitted on it (load-tests/fit_calibration.py).
 """
 
 from __future__ import annotations

@@ -106,8 +106,8 @@ def fake_live_worker(url: str) -> None:
 
 
 def assert_own_tags(name: str, tags: list[ScoredTag]) -> None:
-    # Top 8, not test_quality's 5: in a batch the detector letterboxes differently, and fig.jpg
-    # gains a "frisbee" box that pushes "fig" to sixth place.
+    # Top 8, not test_quality's 5: on the detector's square letterbox fig.jpg gains a "frisbee"
+    # box that can push "fig" down the list.
     top = [t.tag.en for t in tags[:8]]
     assert GOOD[name] in top, f"{name} got {top}"
 
