@@ -66,6 +66,14 @@ class Detector:
         self.batched = device.type == "cuda" and not str(weights).endswith(_SINGLE_IMAGE_SUFFIXES)
         self.half = device.type == "cuda"
 
+    def backend(self) -> torch.nn.Module:
+        """Ultralytics' `AutoBackend` for these weights, as its predictor sets it up (the
+        predict-start callbacks, such as the OpenVINO settings, applied): called on a letterboxed
+        (N, 3, S, S) float batch in [0, 1], it gives the raw predictions its NMS takes."""
+        if self.model.predictor is None:
+            self._predict([Image.new("RGB", (self.image_size, self.image_size), _LETTERBOX_GREY)])
+        return self.model.predictor.model
+
     def predict(self, images: list[Image.Image]) -> list[list[Box]]:
         if self.batched:
             return self._predict(images)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 from prometheus_client import CollectorRegistry, Counter
+from ultralytics.nn.autobackend import AutoBackend
 
-from inference.detector import Detector
 from inference.device_images import decode_images
 from inference.engine import EngineConfig, TaggingEngine
 from inference.image_header import decode_with_pil
@@ -78,11 +78,12 @@ def test_the_comparison_catches_a_different_picture(torch_engine):
             assert_same_answers(torch_engine, found, expected, HALF)
 
 
-def test_an_exported_detector_runs_through_ultralytics_with_the_same_tags(engine, photos):
+def test_an_exported_detector_runs_in_ultralytics_backend_on_our_letterbox_with_the_same_answers(engine, photos):
+    """The reference runs the export through ultralytics' predictor and its own letterbox."""
     if engine.detectors[0].weights.suffix == ".pt":
         pytest.skip("no exported detector runtime (OpenVINO, ONNX Runtime) installed")
     pipeline = DevicePipeline(engine, max_batch=8)
-    assert all(isinstance(d, Detector) for d in pipeline.detectors)
+    assert all(isinstance(d.network, AutoBackend) for d in pipeline.detectors)
     assert_same_as_the_reference(pipeline, engine, photos[:10], CPU)
 
 
@@ -146,15 +147,16 @@ def test_a_failed_batch_is_logged_and_counted_before_the_retry(engine, caplog):
     assert "a batch of 3 images failed" in caplog.text
 
 
-def test_an_exported_tflite_detector_keeps_ultralytics_path_and_finds_the_bus():
-    """A format the pipeline cannot call itself (a fixed-shape int8 TFLite graph) still serves."""
+def test_a_tflite_detector_serves_through_ultralytics_backend():
+    """A fixed-shape int8 TFLite graph: ultralytics' backend quantises and scales its boxes."""
     engine = TaggingEngine.build(
         EngineConfig(detector_weights=(SHARED_WEIGHTS / "yolov8n_int8.tflite",), device="cpu", torch_threads=2)
     )
     pipeline = DevicePipeline(engine)
-    assert isinstance(pipeline.detectors[0], Detector)
-    (tags,) = pipeline.predict([(PHOTOS / "bus.jpg").read_bytes()])
-    bus = {t.tag.key: t for t in tags}["bus"]
+    assert isinstance(pipeline.detectors[0].network, AutoBackend)
+    photos = [(PHOTOS / name).read_bytes() for name in ("bus.jpg", "cat_chelsea.jpg")]
+    assert_same_as_the_reference(pipeline, engine, photos, CPU)
+    bus = {t.tag.key: t for t in pipeline.predict(photos[:1])[0]}["bus"]
     assert bus.confidence > 0.6 and len(bus.instances) == 1
 
 
