@@ -15,9 +15,10 @@ Ultralytics' predictor (which letterboxes on the CPU, one image at a time) is no
 `.pt` detectors run their network directly; exported ones (ONNX, OpenVINO, TFLite) run through
 the `AutoBackend` ultralytics loaded them into, on the letterbox made here.
 
-The letterbox is the square input on every device and every path (exported detectors included:
-inference/detector.py pads the same way), so CPU and CUDA see the same picture and their boxes
-agree; the shipped calibration was fitted on it (load-tests/fit_calibration.py).
+The letterbox is the square input, on every device and for every format, so CPU and CUDA see
+the same picture and their boxes agree; `TaggingEngine` (through ultralytics' predictor, the
+reference the tests hold this module to) pads the same way, and the shipped calibration was
+fitted on it (load-tests/fit_calibration.py).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from inference.image_header import ImageRejected
 from inference.results import Box, ScoredTag, TagResult, UndecodableImage
 
 log = logging.getLogger(__name__)
+
 
 def bucket_sizes(max_batch: int) -> tuple[int, ...]:
     """Powers of two up to `max_batch`, and `max_batch` itself."""
