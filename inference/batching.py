@@ -1,8 +1,8 @@
 """Dynamic micro-batching: concurrent `tag` calls share one model call.
 
-A caller enqueues one `Job` per image and awaits its future. One loop takes jobs off a bounded
-queue with `collate`, hands each batch to an idle engine replica (each on a thread of its own)
-for `engine.predict`, and gives each job its own result. While batches run, the next collects. Jobs whose caller has gone, or whose
+A caller enqueues one `Job` per encoded image and awaits its future. One loop takes jobs off a
+bounded queue with `collate`, hands each batch to an idle `ImageTagger` replica (each on a
+thread of its own) for `predict`, and gives each job its own result. While batches run, the next collects. Jobs whose caller has gone, or whose
 deadline has passed, are dropped before they reach the models.
 """
 
@@ -15,10 +15,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from PIL import Image
-
-from inference.client import DeadlineExceeded, InferenceClosed, QueueFull, TagResult, admission_deadline
-from inference.engine import ModelError, TaggingEngine
+from inference.client import DeadlineExceeded, ImageTagger, InferenceClosed, QueueFull, admission_deadline
+from inference.results import ModelError, TagResult
 from inference.tasks import log_task_failure
 
 log = logging.getLogger(__name__)
@@ -38,7 +36,7 @@ class BatchStats:
 
 @dataclass(eq=False)
 class Job:
-    image: Image.Image
+    image: bytes
     deadline: float  # absolute, on the same clock as `collate`'s
     future: asyncio.Future[TagResult]
     enqueued_at: float = field(default_factory=time.monotonic)
@@ -99,11 +97,11 @@ class BatchingConfig:
 
 
 class BatchingInference:
-    """An `InferenceClient` that batches concurrent requests for one engine."""
+    """An `InferenceClient` that batches concurrent requests for its model replicas."""
 
     def __init__(
         self,
-        build_engine: Callable[[], TaggingEngine],
+        build_engine: Callable[[], ImageTagger],
         config: BatchingConfig = BatchingConfig(),
         *,
         on_batch: Callable[[BatchStats], None] | None = None,
@@ -118,7 +116,7 @@ class BatchingInference:
         self._executors = [
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inference-{i}") for i in range(config.replicas)
         ]
-        self._idle: asyncio.Queue[tuple[TaggingEngine, ThreadPoolExecutor]] = asyncio.Queue()
+        self._idle: asyncio.Queue[tuple[ImageTagger, ThreadPoolExecutor]] = asyncio.Queue()
         self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=config.max_queue)
         self._pending: set[asyncio.Future[TagResult]] = set()
         self._running: set[asyncio.Task[None]] = set()
@@ -140,7 +138,7 @@ class BatchingInference:
         self._loop_task = asyncio.create_task(self._batch_loop(), name="inference-batcher")
         self._loop_task.add_done_callback(log_task_failure("the batching loop"))
 
-    async def tag(self, images: list[Image.Image], deadline: float | None = None) -> list[TagResult]:
+    async def tag(self, images: list[bytes], deadline: float | None = None) -> list[TagResult]:
         if self._closed:
             raise InferenceClosed("the inference client is closed")
         if not self._started:
@@ -200,7 +198,7 @@ class BatchingInference:
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _run_batch(self, replica: tuple[TaggingEngine, ThreadPoolExecutor], batch: list[Job]) -> None:
+    async def _run_batch(self, replica: tuple[ImageTagger, ThreadPoolExecutor], batch: list[Job]) -> None:
         engine, executor = replica
         try:
             queue_depth = self._queue.qsize()
@@ -210,7 +208,7 @@ class BatchingInference:
                 images = [job.image for job in batch]
                 results = await loop.run_in_executor(executor, engine.predict, images)
             except Exception:
-                # The engine already isolates a bad image; reaching here is a bug, so fail only
+                # The models already isolate a bad image; reaching here is a bug, so fail only
                 # this batch and keep serving.
                 log.exception("a batch of %d images failed", len(batch))
                 results = [ModelError("the model failed to process this image") for _ in batch]

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from inference.results import Box
+
+
 class DetectorLoadError(RuntimeError):
     """The configured weights cannot be used; raised at start-up with a message for operators."""
-
-
-@dataclass(frozen=True)
-class Box:
-    class_name: str
-    confidence: float
-    """The detector's own score, 0..1."""
-    x: float
-    y: float
-    width: float
-    height: float
 
 
 def require_weights(weights: Path) -> None:
@@ -48,11 +39,10 @@ class Detector:
         image_size: int,
         min_confidence: float,
         upscale_small: bool = False,
-        square_letterbox: bool = False,
     ) -> None:
-        """`square_letterbox`: pad every image to the square input, as inference/pipeline.py does
-        on every device, instead of ultralytics' tightest rectangle for a lone image (its default,
-        cheaper on a CPU; the shipped calibration was fitted that way)."""
+        """Every image is letterboxed to the square `image_size`, as inference/pipeline.py does
+        on every device (not ultralytics' tightest rectangle for a lone image): CPU and CUDA, one
+        image or a batch, the network sees the same picture, and the calibration was fitted on it."""
         require_weights(weights)
         from inference.runtimes import keep_runtimes_offline
 
@@ -71,12 +61,18 @@ class Detector:
         self.image_size = image_size
         self.min_confidence = min_confidence
         self.upscale_small = upscale_small
-        self.square_letterbox = square_letterbox
-        # Ultralytics pads a batch of mixed-size images to 640x640 squares but a single image only
-        # to a tight rectangle, so a batch changes the boxes a little and, on a CPU, costs more per
-        # image than one at a time (load-tests/runtimes.py). Only a GPU gains from batching here.
+        # On a CPU a batch costs more per image than one image at a time (load-tests/runtimes.py);
+        # only a GPU gains from batching here.
         self.batched = device.type == "cuda" and not str(weights).endswith(_SINGLE_IMAGE_SUFFIXES)
         self.half = device.type == "cuda"
+
+    def backend(self) -> torch.nn.Module:
+        """Ultralytics' `AutoBackend` for these weights, as its predictor sets it up (the
+        predict-start callbacks, such as the OpenVINO settings, applied): called on a letterboxed
+        (N, 3, S, S) float batch in [0, 1], it gives the raw predictions its NMS takes."""
+        if self.model.predictor is None:
+            self._predict([Image.new("RGB", (self.image_size, self.image_size), _LETTERBOX_GREY)])
+        return self.model.predictor.model
 
     def predict(self, images: list[Image.Image]) -> list[list[Box]]:
         if self.batched:
@@ -93,7 +89,7 @@ class Detector:
             conf=self.min_confidence,
             device=self.device,
             half=self.half,
-            rect=not self.square_letterbox,
+            rect=False,
             verbose=False,
         )
         return [self._boxes(result, size) for result, size in zip(results, sizes)]

@@ -5,15 +5,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
-
 import torch
 from PIL import Image
 
 from inference.classifier import Classifier
-from inference.detector import Box, Detector, DetectorLoadError, require_weights
+from inference.client import FailureCounter
+from inference.detector import Detector, DetectorLoadError, require_weights
 from inference.devices import resolve_device
-from inference.fusion import Calibration, ScoredTag, fuse
+from inference.fusion import Calibration, fuse
+from inference.results import Box, ModelError, ScoredTag
 from inference.runtimes import (
     configure_openvino_detector,
     default_cache_dir,
@@ -24,17 +24,6 @@ from inference.runtimes import (
 from inference.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
-
-
-class ModelError(RuntimeError):
-    """The models failed on one image; carried in that image's result slot."""
-
-
-class FailureCounter(Protocol):
-    """Counts batches that failed and were retried image by image; a prometheus `Counter` is one.
-    The caller owns it, so the engine records a number and the service decides how to export it."""
-
-    def inc(self, amount: float = 1) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -55,9 +44,6 @@ class EngineConfig:
     """auto, torch, onnx or openvino; applies to `.pt` weights (an exported file runs as it is)."""
     runtime_cache_dir: Path | None = None
     """Where ONNX/OpenVINO exports are made once and reused; None: the user's cache folder."""
-    detector_square_letterbox: bool = False
-    """Pad every image to the detector's square input, as inference/pipeline.py always does,
-    instead of ultralytics' tightest rectangle for a lone image (what the calibration was fitted on)."""
 
 
 class TaggingEngine:
@@ -79,7 +65,10 @@ class TaggingEngine:
         self.failed_batches = failed_batches
 
     @classmethod
-    def build(cls, config: EngineConfig, failed_batches: FailureCounter | None = None) -> TaggingEngine:
+    def build(
+        cls, config: EngineConfig, failed_batches: FailureCounter | None = None, warm: bool = True
+    ) -> TaggingEngine:
+        """`warm`: run one image through `predict` (a caller that serves otherwise warms its own way)."""
         for weights in config.detector_weights:  # before minutes of classifier set-up, not after
             require_weights(weights)
         keep_runtimes_offline()
@@ -107,7 +96,6 @@ class TaggingEngine:
                 config.detector_image_size,
                 config.detector_min_confidence,
                 upscale_small=calibration.detector_upscale_small,
-                square_letterbox=config.detector_square_letterbox,
             )
             configure_openvino_detector(detector, config.torch_threads)
             return detector
@@ -119,7 +107,8 @@ class TaggingEngine:
             for weights in config.detector_weights
         )
         engine = cls(vocabulary, classifier, detectors, calibration, failed_batches)
-        engine.warm_up()
+        if warm:
+            engine.warm_up()
         log.info(
             "models ready on %s: classifier on %s, detectors %s",
             device,

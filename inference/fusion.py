@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from inference.detector import Box
-from inference.vocabulary import VOCAB_DIR, Tag, Vocabulary
+from inference.results import Box, Instance, ScoredTag
+from inference.vocabulary import VOCAB_DIR, Vocabulary
 
 CALIBRATION_FILE = VOCAB_DIR / "calibration.json"
 
@@ -113,23 +113,6 @@ class Calibration:
     def box_probability(self, score: float, specific: bool) -> float:
         """A single box's confidence: the detector-alone model without context."""
         return self.probability(Evidence(detector=score, specific=specific))
-
-
-@dataclass(frozen=True)
-class Instance:
-    confidence: float
-    x: float
-    y: float
-    width: float
-    height: float
-
-
-@dataclass(frozen=True)
-class ScoredTag:
-    tag: Tag
-    confidence: float
-    """Calibrated, 0..1."""
-    instances: tuple[Instance, ...] = ()
 
 
 def gather(

@@ -11,37 +11,35 @@ bucketed sizes (1, 2, 4, ... up to `max_batch`, padded with blank images) and on
 and `warm_up()` runs every bucket once at start. A batch that fails is logged and counted before
 its images are retried one by one, so it shows up as an error, not as slowness.
 
-`.pt` detectors run their network directly (ultralytics' predictor letterboxes on the CPU, one
-image at a time); detectors exported to other formats (ONNX, OpenVINO, TFLite) keep running
-through ultralytics as `inference/detector.py` sets them up.
+Ultralytics' predictor (which letterboxes on the CPU, one image at a time) is not on this path:
+`.pt` detectors run their network directly; exported ones (ONNX, OpenVINO, TFLite) run through
+the `AutoBackend` ultralytics loaded them into, on the letterbox made here.
 
-The letterbox is the square input on every device, so CPU and CUDA see the same picture and
-their boxes agree. The shipped calibration was fitted on the engine's CPU path, where ultralytics
-pads a lone image only to the tightest rectangle; on the test photos the square moved a tag's
-confidence by up to 0.07 (tests/inference/test_pipeline.py), so the quality report is worth
-re-running on this path (`EngineConfig.detector_square_letterbox`) before it serves traffic.
+The letterbox is the square input, on every device and for every format, so CPU and CUDA see
+the same picture and their boxes agree; `TaggingEngine` (through ultralytics' predictor, the
+reference the tests hold this module to) pads the same way, and the shipped calibration was
+fitted on it (load-tests/fit_calibration.py).
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import logging
 
 import torch
 from PIL import Image
 
 from inference.classifier import INPUT_SIZE, crop_and_resize, normalize
-from inference.client import TagResult
-from inference.detector import Box, Detector
+from inference.client import FailureCounter
+from inference.detector import Detector
 from inference.device_images import LETTERBOX_GREY, Placement, decode_images, letterbox_into
-from inference.engine import EngineConfig, FailureCounter, ModelError, TaggingEngine, run_or_retry_each
-from inference.fusion import ScoredTag, fuse
+from inference.engine import EngineConfig, TaggingEngine, run_or_retry_each
+from inference.fusion import fuse
 from inference.image_header import ImageRejected
+from inference.results import Box, ScoredTag, TagResult, UndecodableImage
 
-
-class UndecodableImage(ModelError):
-    """The image was not decoded (unreadable, or a header size outside the limits); carried in
-    that image's result slot."""
+log = logging.getLogger(__name__)
 
 
 def bucket_sizes(max_batch: int) -> tuple[int, ...]:
@@ -59,8 +57,13 @@ def bucket_for(count: int, buckets: tuple[int, ...]) -> int:
 
 
 class YoloNetwork:
-    """A `.pt` detector's network called directly on a letterboxed batch on the device, with
-    ultralytics' own NMS and its predictor's settings (IoU, max detections)."""
+    """A detector's network called directly on a letterboxed batch on the device, with
+    ultralytics' own NMS and its predictor's settings (IoU, max detections).
+
+    `.pt` weights: the fused network itself (half precision on CUDA). Any other format
+    (ONNX, OpenVINO, TFLite): the `AutoBackend` ultralytics' predictor loaded it into, our
+    OpenVINO settings applied, so ultralytics stays the loader and runtime while the letterbox is
+    this module's, the same for every format."""
 
     def __init__(self, detector: Detector, device: torch.device) -> None:
         from ultralytics.utils import DEFAULT_CFG
@@ -69,10 +72,14 @@ class YoloNetwork:
         self.min_confidence = detector.min_confidence
         self.iou = DEFAULT_CFG.iou
         self.max_detections = DEFAULT_CFG.max_det
-        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
-        # A copy: ultralytics' predictor fuses and casts the module it holds in place.
-        network = copy.deepcopy(detector.model.model).fuse(verbose=False)
-        self.network = network.to(device, self.dtype).eval()
+        if detector.weights.suffix == ".pt":
+            self.dtype = torch.float16 if device.type == "cuda" else torch.float32
+            # A copy: ultralytics' predictor fuses and casts the module it holds in place.
+            network = copy.deepcopy(detector.model.model).fuse(verbose=False)
+            self.network = network.to(device, self.dtype).eval()
+        else:
+            self.dtype = torch.float32  # the backend casts to what its graph takes
+            self.network = network = detector.backend()
         # NMS-free heads (YOLO26, YOLOv10) already give (x1, y1, x2, y2, score, class) rows;
         # ultralytics' NMS then only applies the score threshold, as its predictor does.
         self.end2end = bool(getattr(network, "end2end", False))
@@ -111,19 +118,23 @@ class DevicePipeline:
         self.pad_to_buckets = self.device.type == "cuda" if pad_to_buckets is None else pad_to_buckets
         self.failed_batches = failed_batches
         self.side_limits = side_limits
-        self.detectors: list[YoloNetwork | Detector] = [
-            YoloNetwork(detector, self.device) if detector.weights.suffix == ".pt" else detector
-            for detector in engine.detectors
-        ]
+        self.detectors = [YoloNetwork(detector, self.device) for detector in engine.detectors]
         self.letterbox_size = engine.detectors[0].image_size if engine.detectors else 640
 
     @classmethod
     def build(
-        cls, config: EngineConfig, max_batch: int = 64, failed_batches: FailureCounter | None = None
+        cls,
+        config: EngineConfig,
+        max_batch: int = 64,
+        failed_batches: FailureCounter | None = None,
+        side_limits: tuple[int, int] | None = None,
     ) -> DevicePipeline:
         """The engine's models behind a pipeline, every bucket warmed."""
-        pipeline = cls(TaggingEngine.build(config, failed_batches), max_batch, failed_batches)
+        engine = TaggingEngine.build(config, failed_batches, warm=False)
+        pipeline = cls(engine, max_batch, failed_batches, side_limits=side_limits)
         pipeline.warm_up()
+        padding = f", padded to {', '.join(map(str, pipeline.buckets))}" if pipeline.pad_to_buckets else ""
+        log.info("serving on %s: batches of up to %d images%s", pipeline.device, max_batch, padding)
         return pipeline
 
     def batch_size_for(self, count: int) -> int:
@@ -190,31 +201,23 @@ class DevicePipeline:
         """Every detector's boxes for each decoded image, in its own pixels."""
         bucket = self.batch_size_for(len(pixels))
         found: list[list[Box]] = [[] for _ in pixels]
-        networks = [d for d in self.detectors if isinstance(d, YoloNetwork)]
-        if networks:
-            size = self.letterbox_size
-            letterboxed = torch.full((bucket, 3, size, size), LETTERBOX_GREY, dtype=torch.uint8, device=self.device)
-            placements = [letterbox_into(canvas, image) for canvas, image in zip(letterboxed, pixels)]
-            # Unpadded (a CPU), the network takes one image per call: PyTorch's CPU convolutions cost
-            # more per image in a batch (README, Runtimes: 116 against 84 ms for YOLOv8n). With fixed
-            # shapes (a GPU) the whole bucket goes at once.
-            per_call = bucket if self.pad_to_buckets else 1
-            for network in networks:
-                per_image = [
-                    rows
-                    for start in range(0, bucket, per_call)
-                    for rows in network.detections(letterboxed[start : start + per_call])
-                ][: len(pixels)]
-                # One transfer for the whole batch: a copy per image would wait on the device each time.
-                rows = torch.cat(per_image).cpu().split([len(d) for d in per_image])
-                for boxes, image_rows, placement in zip(found, rows, placements):
-                    boxes.extend(_boxes(image_rows, placement, network.names))
-        others = [d for d in self.detectors if isinstance(d, Detector)]
-        if others:
-            images = [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in pixels]
-            for detector in others:
-                for boxes, more in zip(found, detector.predict(images)):
-                    boxes.extend(more)
+        size = self.letterbox_size
+        letterboxed = torch.full((bucket, 3, size, size), LETTERBOX_GREY, dtype=torch.uint8, device=self.device)
+        placements = [letterbox_into(canvas, image) for canvas, image in zip(letterboxed, pixels)]
+        # Unpadded (a CPU), the network takes one image per call: CPU convolutions cost more per
+        # image in a batch (README, Runtimes: 116 against 84 ms for YOLOv8n in PyTorch). With
+        # fixed shapes (a GPU) the whole bucket goes at once.
+        per_call = bucket if self.pad_to_buckets else 1
+        for network in self.detectors:
+            per_image = [
+                rows
+                for start in range(0, bucket, per_call)
+                for rows in network.detections(letterboxed[start : start + per_call])
+            ][: len(pixels)]
+            # One transfer for the whole batch: a copy per image would wait on the device each time.
+            rows = torch.cat(per_image).cpu().split([len(d) for d in per_image])
+            for boxes, image_rows, placement in zip(found, rows, placements):
+                boxes.extend(_boxes(image_rows, placement, network.names))
         return found
 
 

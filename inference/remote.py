@@ -9,10 +9,12 @@ Keys (one Redis database per deployment):
     imagetag:replies:{gateway}  stream per gateway process; workers add results, one task reads them
 
 A job entry has the fields `job` (uuid hex), `reply` (the reply stream's key), `deadline` (Unix
-epoch seconds: gateways and workers share no monotonic clock) and `image` (JPEG bytes). A reply
-entry has one field, `result`, in JSON: `{"job": ..., "tags": [[key, confidence, [[confidence, x,
-y, width, height], ...]], ...]}` or `{"job": ..., "error": "model" | "expired", "message": ...}`;
-never pickle, so a worker cannot run code in a gateway. Workers ack and delete an answered job,
+epoch seconds: gateways and workers share no monotonic clock) and `image` (the image's bytes
+as the client sent them, header already checked: the worker decodes them, nothing is decoded and
+re-encoded on the way). A reply entry has one field, `result`, in JSON: `{"job": ..., "tags":
+[[key, confidence, [[confidence, x, y, width, height], ...]], ...]}` or `{"job": ..., "error":
+"model" | "undecodable" | "expired", "message": ...}`; never pickle, so a worker cannot run code
+in a gateway. A gateway that does not know an error kind takes it for "model". Workers ack and delete an answered job,
 so the jobs stream's length is what is queued or in progress. Replies go to a stream, not a
 list, because reading a stream takes nothing away: a read whose answer is lost to a timeout is
 simply read again, where a popped list item would be gone.
@@ -21,7 +23,6 @@ simply read again, where a popped list item would be gone.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import time
@@ -29,7 +30,6 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from PIL import Image
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -38,21 +38,13 @@ from inference.client import (
     InferenceClosed,
     InferenceUnavailable,
     QueueFull,
-    TagResult,
     admission_deadline,
 )
-from inference.engine import ModelError
-from inference.fusion import Instance, ScoredTag
+from inference.results import Instance, ModelError, ScoredTag, TagResult, UndecodableImage
 from inference.tasks import as_text, log_task_failure
 from inference.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
-
-# JPEG q95 without chroma subsampling, not PNG: on the test photos PNG was 3.7x larger (Redis holds
-# up to queue_max images) and 10x slower to encode on the gateway, while q95 moved confidences by
-# 0.9 points (median) and 2.6 at most, with the top three tags unchanged: the models see 640 px.
-JPEG_QUALITY = 95
-_JPEG_MODES = frozenset({"RGB", "L"})
 
 # Checks for a live worker and the queue bound, then adds all of a request's jobs or none, in one
 # atomic step. Liveness uses Redis's clock so that no two hosts' clocks need to agree.
@@ -99,21 +91,6 @@ class Job:
     image: bytes
 
 
-def encode_image(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    if image.mode in _JPEG_MODES:
-        image.save(buffer, "JPEG", quality=JPEG_QUALITY, subsampling=0)
-    else:  # rare modes (alpha, 16-bit) travel losslessly rather than be changed on the way
-        image.save(buffer, "PNG", compress_level=1)
-    return buffer.getvalue()
-
-
-def decode_image(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-
-
 def parse_job(fields: Mapping[bytes | str, bytes | str]) -> Job:
     """A stream entry's fields as a `Job`; ValueError when they are not one."""
     values = {as_text(k): v for k, v in fields.items()}
@@ -131,7 +108,8 @@ def encode_result(job_id: str, result: TagResult | DeadlineExceeded) -> bytes:
     if isinstance(result, DeadlineExceeded):
         reply |= {"error": "expired", "message": str(result)}
     elif isinstance(result, ModelError):
-        reply |= {"error": "model", "message": str(result)}
+        kind = "undecodable" if isinstance(result, UndecodableImage) else "model"
+        reply |= {"error": kind, "message": str(result)}
     else:
         reply["tags"] = [
             [t.tag.key, t.confidence, [[i.confidence, i.x, i.y, i.width, i.height] for i in t.instances]]
@@ -147,6 +125,8 @@ def decode_result(payload: bytes, vocabulary: Vocabulary) -> tuple[str, TagResul
     error = reply.get("error")
     if error == "expired":
         return job_id, DeadlineExceeded(reply.get("message") or "the deadline passed before a worker took the job")
+    if error == "undecodable":
+        return job_id, UndecodableImage(reply.get("message") or "the image cannot be decoded")
     if error is not None:
         return job_id, ModelError(reply.get("message") or "the model failed to process this image")
     tags = []
@@ -221,7 +201,7 @@ class RemoteInference:
             task.add_done_callback(log_task_failure(f"the remote inference task {name!r}"))
             self._tasks.add(task)
 
-    async def tag(self, images: list[Image.Image], deadline: float | None = None) -> list[TagResult]:
+    async def tag(self, images: list[bytes], deadline: float | None = None) -> list[TagResult]:
         if self._closed:
             raise InferenceClosed("the inference client is closed")
         if not self._tasks:
@@ -261,13 +241,11 @@ class RemoteInference:
         except RedisError:
             pass  # the key expires by itself
 
-    async def _submit(self, job_ids: list[str], images: list[Image.Image], deadline: float) -> None:
-        # JPEG-encoding a large photo takes milliseconds: keep it off the event loop.
-        payloads = await asyncio.to_thread(lambda: [encode_image(image) for image in images])
+    async def _submit(self, job_ids: list[str], images: list[bytes], deadline: float) -> None:
         epoch_deadline = repr(time.time() + deadline - time.monotonic())
         args: list[str | int | bytes] = [self._queue_max, self._stream_max]
-        for job_id, payload in zip(job_ids, payloads):
-            args += [job_id, self._reply_key, epoch_deadline, payload]
+        for job_id, image in zip(job_ids, images):
+            args += [job_id, self._reply_key, epoch_deadline, image]
         try:
             outcome = await self._enqueue(keys=[self._channels.stream, self._channels.workers], args=args)
         except RedisError as error:

@@ -2,7 +2,8 @@
 
 Each round takes up to `max_batch_size` jobs with XREADGROUP (now and then XAUTOCLAIM's jobs of a
 worker that stopped answering instead), answers expired ones without the models, runs the rest
-through `engine.predict` on the worker's model thread, adds each job's own result to its
+through the models' `predict` (`inference.pipeline.DevicePipeline`: the job's bytes decoded on
+the device where it can) on the worker's model thread, adds each job's own result to its
 gateway's reply stream, then acks and deletes the entries. A worker reads only while its model
 thread is free, so waiting jobs go to whichever worker is idle rather than queue behind a busy one.
 
@@ -30,14 +31,14 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from inference.batching import BatchStats
-from inference.client import DeadlineExceeded, TagResult
-from inference.engine import ModelError, TaggingEngine
-from inference.remote import Channels, Job, blocking_budget, decode_image, encode_result, parse_job
+from inference.client import DeadlineExceeded, ImageTagger
+from inference.remote import Channels, Job, blocking_budget, encode_result, parse_job
+from inference.results import ModelError, TagResult, UndecodableImage
 from inference.tasks import as_text
 
 log = logging.getLogger(__name__)
 
-OUTCOMES = ("tagged", "model_error", "expired", "invalid")
+OUTCOMES = ("tagged", "undecodable", "model_error", "expired", "invalid")
 
 # Heartbeats carry their expiry on Redis's clock, so gateways need neither this worker's
 # interval nor a clock that agrees with this host's.
@@ -89,7 +90,7 @@ class Worker:
     def __init__(
         self,
         client: Redis,
-        build_engine: Callable[[], TaggingEngine],
+        build_engine: Callable[[], ImageTagger],
         config: WorkerConfig = WorkerConfig(),
         observer: WorkerObserver | None = None,
     ) -> None:
@@ -131,7 +132,7 @@ class Worker:
             self._notify(lambda observer: observer.up(False))
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _serve(self, engine: TaggingEngine) -> None:
+    async def _serve(self, engine: ImageTagger) -> None:
         next_claim = next_sweep = time.monotonic()
         failures = 0
         while not self._stopping.is_set():
@@ -201,7 +202,7 @@ class Worker:
             log.warning("claimed %d jobs left unanswered by another worker", len(entries))
         return entries
 
-    async def _handle(self, engine: TaggingEngine, entries: list[Entry]) -> None:
+    async def _handle(self, engine: ImageTagger, entries: list[Entry]) -> None:
         now = time.time()
         replies: list[tuple[Job, TagResult | DeadlineExceeded]] = []
         live: list[Job] = []
@@ -291,25 +292,14 @@ class Worker:
             log.exception("the worker metrics hook failed")
 
 
-def _predict(engine: TaggingEngine, payloads: list[bytes]) -> list[TagResult]:
-    """Runs on the model thread; an image that fails to decode fails alone."""
-    results: list[TagResult | None] = [None] * len(payloads)
-    images, slots = [], []
-    for slot, payload in enumerate(payloads):
-        try:
-            images.append(decode_image(payload))
-            slots.append(slot)
-        except Exception:
-            results[slot] = ModelError("the worker could not decode this image")
+def _predict(engine: ImageTagger, images: list[bytes]) -> list[TagResult]:
+    """Runs on the model thread; the models answer an undecodable image in its own slot."""
     try:
-        predicted = engine.predict(images) if images else []
+        return engine.predict(images)
     except Exception:
-        # The engine already isolates a bad image; reaching here is a bug, so fail only this batch.
+        # The models already isolate a bad image; reaching here is a bug, so fail only this batch.
         log.exception("a batch of %d images failed", len(images))
-        predicted = [ModelError("the model failed to process this image") for _ in images]
-    for slot, result in zip(slots, predicted):
-        results[slot] = result
-    return [r for r in results if r is not None]
+        return [ModelError("the model failed to process this image") for _ in images]
 
 
 def _outcomes(replies: list[tuple[Job, TagResult | DeadlineExceeded]], invalid: int) -> dict[str, int]:
@@ -318,6 +308,8 @@ def _outcomes(replies: list[tuple[Job, TagResult | DeadlineExceeded]], invalid: 
     for _, result in replies:
         if isinstance(result, DeadlineExceeded):
             counts["expired"] += 1
+        elif isinstance(result, UndecodableImage):  # the client's bytes, not the models, are at fault
+            counts["undecodable"] += 1
         elif isinstance(result, ModelError):
             counts["model_error"] += 1
         else:

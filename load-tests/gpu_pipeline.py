@@ -95,11 +95,6 @@ def main() -> int:
     parser.add_argument("--classifier-runtime", default="auto")
     parser.add_argument("--detector-runtime", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch/OpenVINO threads on a CPU")
-    parser.add_argument(
-        "--square-letterbox",
-        action="store_true",
-        help="exported detectors (and the reference engine) pad to the square input, as the network path always does",
-    )
     parser.add_argument("--skip-reference", action="store_true", help="leave out PIL + TaggingEngine.predict")
     parser.add_argument("--json", type=Path, help="also write the measurements here (for gpu_benchmark.py)")
     args = parser.parse_args()
@@ -114,7 +109,6 @@ def main() -> int:
         torch_threads=args.threads,
         classifier_runtime=args.classifier_runtime,
         detector_runtime=args.detector_runtime,
-        detector_square_letterbox=args.square_letterbox,
     )
     started = time.perf_counter()
     engine = TaggingEngine.build(config)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 
-from inference.client import InferenceClient
+from inference.client import FailureCounter, ImageTagger, InferenceClient
 from service.auth.authenticator import Authenticator
 from service.backends import Backends, build_backends
 from service.gate import Gate, Limits
@@ -27,12 +27,11 @@ from service.settings import ConfigurationError, Settings
 from service.tagging import TaggingLimits, TaggingService
 
 if TYPE_CHECKING:
-    from inference.engine import TaggingEngine
     from inference.worker import Worker, WorkerObserver
 
 log = logging.getLogger(__name__)
 
-EngineFactory = Callable[[], "TaggingEngine"]
+EngineFactory = Callable[[], ImageTagger]
 
 
 @dataclass
@@ -135,24 +134,36 @@ def build_inference(
         replicas=settings.model_replicas,
     )
     return BatchingInference(
-        build_engine or engine_factory(settings),
+        build_engine or engine_factory(settings, metrics.failed_batches if metrics is not None else None),
         config,
         on_batch=metrics.observe_batch if metrics is not None else None,
     )
 
 
-def engine_factory(settings: Settings) -> EngineFactory:
-    """Builds the models when called: on an inference thread, never at import or on the event loop."""
+def engine_factory(settings: Settings, failed_batches: FailureCounter | None = None) -> EngineFactory:
+    """Builds the models when called: on an inference thread, never at import or on the event loop.
+    The embedded service and `imagetag worker` serve through the same `DevicePipeline`, on CPU
+    and CUDA alike, every batch shape warmed before the first request."""
 
-    def build() -> TaggingEngine:
-        from inference.engine import TaggingEngine
+    def build() -> ImageTagger:
+        from inference.pipeline import DevicePipeline
 
-        return TaggingEngine.build(settings.engine_config())
+        return DevicePipeline.build(
+            settings.engine_config(),
+            max_batch=settings.batch_max_size,
+            failed_batches=failed_batches,
+            side_limits=(settings.min_image_side, settings.max_image_side),
+        )
 
     return build
 
 
-def build_worker(settings: Settings, redis: Redis, observer: WorkerObserver | None = None) -> Worker:
+def build_worker(
+    settings: Settings,
+    redis: Redis,
+    observer: WorkerObserver | None = None,
+    failed_batches: FailureCounter | None = None,
+) -> Worker:
     from inference.worker import Worker, WorkerConfig
 
     config = WorkerConfig(
@@ -161,4 +172,4 @@ def build_worker(settings: Settings, redis: Redis, observer: WorkerObserver | No
         heartbeat_s=settings.worker_heartbeat_s,
         visibility_timeout_s=settings.job_visibility_timeout_s,
     )
-    return Worker(redis, engine_factory(settings), config, observer)
+    return Worker(redis, engine_factory(settings, failed_batches), config, observer)

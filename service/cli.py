@@ -220,7 +220,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
     async def work() -> None:
         try:
-            await run_until_signalled(build_worker(settings, client, metrics))
+            await run_until_signalled(build_worker(settings, client, metrics, metrics.failed_batches))
         finally:
             await client.aclose()
 

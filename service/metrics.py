@@ -45,7 +45,7 @@ class Metrics:
         )
         self.in_flight = Gauge("imagetag_requests_in_flight", "Requests being answered", registry=r)
         self.decode = Histogram(
-            "imagetag_decode_seconds", "Time to decode and check one image", buckets=STAGE_BUCKETS_S, registry=r
+            "imagetag_decode_seconds", "Time to check one image's header (its pixels are decoded with the models)", buckets=STAGE_BUCKETS_S, registry=r
         )
         self.queue_wait = Histogram(
             "imagetag_queue_wait_seconds", "Time an image waited for its batch", buckets=STAGE_BUCKETS_S, registry=r
@@ -55,6 +55,11 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "imagetag_batch_size", "Images per model batch", buckets=BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.failed_batches = Counter(
+            "imagetag_failed_batches",
+            "Model batches that failed and were retried image by image (each one is also logged)",
+            registry=r,
         )
         self.queue_depth = Gauge(
             "imagetag_queue_depth", "Images still queued when the last batch was sent", registry=r

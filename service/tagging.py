@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-from PIL import Image
-
 from inference.client import InferenceClient, InferenceUnavailable
-from inference.engine import ModelError
-from inference.fusion import ScoredTag
-from service.errors import ModelFailed, Overloaded
-from service.images import ImageRules, decode_base64, load_image
+from inference.results import ModelError, ScoredTag, UndecodableImage
+from service.errors import CorruptImage, ModelFailed, Overloaded
+from service.images import ImageRules, check_image, decode_base64
 from service.protocol.tagging import (
     BoundingBox,
     I18nText,
@@ -80,23 +76,27 @@ class TaggingService:
             return await self.tag_bytes(data, request)
 
     async def tag_bytes(self, data: bytes, options: TaggingOptions) -> TaggingResponse:
-        """Tags an encoded image (the bytes of a file or of a download), under the same rules."""
-        # Decoding a 4096 px JPEG takes tens of milliseconds: keep it off the event loop.
-        image = await asyncio.to_thread(self._decode, data)
+        """Tags an encoded image (the bytes of a file or of a download), under the same rules: the
+        header is checked here, the pixels are decoded on the inference side."""
+        self._check(data)
         if not self.inference.ready:
             raise Overloaded("the models are still loading; retry shortly", headers={"Retry-After": "5"})
         try:
-            (result,) = await self.inference.tag([image])
+            (result,) = await self.inference.tag([data])
         except InferenceUnavailable as error:
             raise Overloaded(f"the service is overloaded ({error}); retry shortly", headers={"Retry-After": "1"}) from None
+        if isinstance(result, UndecodableImage):
+            raise CorruptImage(str(result))
         if isinstance(result, ModelError):
             raise ModelFailed(str(result))
         return render(result, language=options.language, threshold=options.threshold, limit=options.limit)
 
-    def _decode(self, data: bytes) -> Image.Image:
+    def _check(self, data: bytes) -> None:
+        # On the event loop: PIL reads a header lazily, in tens of microseconds (a thread hop
+        # would cost more), and never decodes a pixel here.
         started = time.perf_counter()
         try:
-            return load_image(data, self.limits.image_rules)
+            check_image(data, self.limits.image_rules)
         finally:
             if self.observe_decode is not None:
                 self.observe_decode(time.perf_counter() - started)

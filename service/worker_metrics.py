@@ -44,6 +44,11 @@ class WorkerMetrics:
             buckets=_MODEL_SECONDS,
             registry=self.registry,
         )
+        self.failed_batches = Counter(
+            "imagetag_worker_failed_batches",
+            "Model batches that failed and were retried image by image (each one is also logged)",
+            registry=self.registry,
+        )
         self._jobs = Counter(
             "imagetag_worker_jobs", "Jobs answered, by outcome", ["outcome"], registry=self.registry
         )

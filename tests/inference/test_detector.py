@@ -33,3 +33,17 @@ def test_boxes_of_a_padded_photo_are_in_its_own_pixels(detector):
         assert box.x + box.width <= small.width + 0.5 and box.y + box.height <= small.height + 0.5
     bus = next(b for b in boxes if b.class_name == "bus")
     assert bus.width > 0.9 * small.width  # the bus spans the photo, as at full size
+
+
+def test_the_backend_is_ultralytics_own_as_its_predictor_set_it_up(detector):
+    """What the device pipeline calls for an exported detector: ultralytics' loader and runtime,
+    with our runtime settings already applied (OpenVINO in float32, inference/runtimes.py)."""
+    import torch
+
+    backend = detector.backend()
+    assert backend is detector.model.predictor.model
+    predictions = backend(torch.full((1, 3, detector.image_size, detector.image_size), 114 / 255))
+    assert predictions.shape[:2] == (1, 4 + len(detector.names))
+    compiled = getattr(backend.backend, "ov_compiled_model", None)
+    if compiled is not None:
+        assert "float32" in str(compiled.get_property("INFERENCE_PRECISION_HINT"))

@@ -99,6 +99,19 @@ def test_transparency_is_shown_over_white_and_grey_becomes_rgb():
     assert as_array(grey_pixels)[0, 0].tolist() == [77, 77, 77]
 
 
+def test_sixteen_bit_grey_keeps_its_contrast():
+    ramp = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16
+    (pixels,) = decode_images([encoded(Image.fromarray(ramp), "PNG")], CPU)
+    assert pixels.shape == (3, 64, 64)
+    assert pixels.min() < 10 and pixels.max() > 240
+
+
+def test_an_animated_webp_is_its_first_frame():
+    frames = [Image.new("RGB", (40, 40), colour) for colour in ("blue", "green")]
+    (pixels,) = decode_images([encoded(frames[0], "WEBP", save_all=True, append_images=frames[1:])], CPU)
+    assert pixels[2, 20, 20] > 200 and pixels[1, 20, 20] < 60
+
+
 def test_a_corrupt_jpeg_is_an_error_for_itself_alone():
     good = (PHOTOS / "coffee.jpg").read_bytes()
     headers_only, half_scan = good[:600], good[: len(good) // 2]

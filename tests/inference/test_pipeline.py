@@ -1,14 +1,8 @@
-"""The device pipeline gives the reference's answers (`TaggingEngine.predict` on PIL images).
-
-Tolerances, on the real photos of tests/photos and a sample of tests/evalset/photos:
-- tags: the same keys above 5 %, confidences within 0.02 (CUDA fp16 against the CPU: 0.03);
-- boxes: same class, corners within 3 px, raw score within 0.02 (CUDA fp16: 5 px, 0.03); a box
-  may be missing or extra only if its score is that close to the detector's threshold.
-Measured on the CPU: tags within 0.005, boxes within 2.1 px (most under 1 px), scores within 0.006.
-The reference detector letterboxes to the square input here, as the pipeline does on every
-device (`EngineConfig.detector_square_letterbox`); against ultralytics' tight rectangle for a
-lone image (the engine's CPU default) a tag moved by up to 0.07 on these photos: a different
-picture for the network, not a different computation.
+"""The device pipeline gives the reference's answers (`TaggingEngine.predict` on PIL images), on
+the real photos of tests/photos and a sample of tests/evalset/photos, within the tolerances of
+tests/inference/agreement.py (the same comparison CUDA is held to against the CPU). Both
+letterbox to the detector's square input, the pipeline on the device, the reference through
+ultralytics.
 """
 
 from __future__ import annotations
@@ -20,28 +14,21 @@ import pytest
 import torch
 from PIL import Image
 from prometheus_client import CollectorRegistry, Counter
+from ultralytics.nn.autobackend import AutoBackend
 
-from inference.detector import Box, Detector
 from inference.device_images import decode_images
-from inference.engine import EngineConfig, ModelError, TaggingEngine
+from inference.engine import EngineConfig, TaggingEngine
 from inference.image_header import decode_with_pil
-from inference.pipeline import DevicePipeline, UndecodableImage
-from tests.conftest import DETECTOR_WEIGHTS, PHOTOS
+from inference.pipeline import DevicePipeline
+from inference.results import ModelError, UndecodableImage
+from tests.conftest import DETECTOR_WEIGHTS, PHOTOS, SHARED_WEIGHTS
+from tests.inference.agreement import CPU, HALF, Tolerance, assert_same_answers, assert_same_tags
 
-TAG_FLOOR = 0.05
-TAG_TOLERANCE = 0.02
-BOX_PIXELS = 3.0
-SCORE_TOLERANCE = 0.02
-HALF_TAG_TOLERANCE = 0.03
-# float16 box coordinates step by 0.5 px near the letterbox's far edge, 0.8 px once mapped back
-# onto a 1024-pixel photo.
-HALF_BOX_PIXELS = 5.0
-HALF_SCORE_TOLERANCE = 0.03
 SAMPLE = sorted(PHOTOS.glob("*.jpg")) + sorted((PHOTOS.parent / "evalset" / "photos").glob("*.jpg"))[::40]
 
 
 def reference_image(data: bytes) -> Image.Image:
-    """What the gateway hands `TaggingEngine.predict` today: PIL's upright RGB pixels."""
+    """What the gateway handed `TaggingEngine.predict` before the pipeline: PIL's upright RGB pixels."""
     return decode_with_pil(data)
 
 
@@ -56,7 +43,6 @@ def torch_engine() -> TaggingEngine:
             torch_threads=2,
             classifier_runtime="torch",
             detector_runtime="torch",
-            detector_square_letterbox=True,
         )
     )
 
@@ -66,63 +52,39 @@ def photos() -> list[bytes]:
     return [path.read_bytes() for path in SAMPLE]
 
 
-def assert_same_tags(found, expected, tolerance: float = TAG_TOLERANCE) -> None:
-    assert not isinstance(found, ModelError), found
-    got = {t.tag.key: t.confidence for t in found}
-    want = {t.tag.key: t.confidence for t in expected}
-    keys = {k for k, c in got.items() if c > TAG_FLOOR} | {k for k, c in want.items() if c > TAG_FLOOR}
-    for key in keys:
-        assert key in got and key in want, key
-        assert got[key] == pytest.approx(want[key], abs=tolerance), key
-
-
-def assert_same_boxes(
-    found: list[Box],
-    expected: list[Box],
-    threshold: float,
-    pixels: float = BOX_PIXELS,
-    score_tolerance: float = SCORE_TOLERANCE,
+def assert_same_as_the_reference(
+    pipeline: DevicePipeline, reference: TaggingEngine, photos: list[bytes], tolerance: Tolerance
 ) -> None:
-    unmatched = list(expected)
-    for box in found:
-        match = next(
-            (b for b in unmatched if b.class_name == box.class_name and _corner_distance(b, box) <= pixels),
-            None,
-        )
-        if match is None:
-            assert box.confidence < threshold + score_tolerance, f"extra {box}"
-            continue
-        unmatched.remove(match)
-        assert box.confidence == pytest.approx(match.confidence, abs=score_tolerance)
-    for box in unmatched:
-        assert box.confidence < threshold + score_tolerance, f"missing {box}"
-
-
-def _corner_distance(a: Box, b: Box) -> float:
-    return max(
-        abs(a.x - b.x), abs(a.y - b.y), abs(a.x + a.width - b.x - b.width), abs(a.y + a.height - b.y - b.height)
-    )
+    tags = pipeline.predict(photos)
+    boxes = pipeline.detect(decode_images(photos, pipeline.device))
+    for data, found in zip(photos, zip(tags, boxes)):
+        image = reference_image(data)
+        expected = (reference.predict([image])[0], reference.detect([image])[0])
+        assert_same_answers(reference, found, expected, tolerance)
 
 
 def test_the_yolo_network_called_directly_gives_the_engines_tags_and_boxes(torch_engine, photos):
-    pipeline = DevicePipeline(torch_engine, max_batch=8)
-    results = pipeline.predict(photos)
-    images = [reference_image(data) for data in photos]
-    for result, image in zip(results, images):
-        assert_same_tags(result, torch_engine.predict([image])[0])
-    decoded = decode_images(photos[:8], pipeline.device)
-    threshold = torch_engine.detectors[0].min_confidence
-    for found, expected in zip(pipeline.detect(decoded), torch_engine.detect(images[:8])):
-        assert_same_boxes(found, expected, threshold)
+    assert_same_as_the_reference(DevicePipeline(torch_engine, max_batch=8), torch_engine, photos, CPU)
 
 
-def test_an_exported_detector_runs_through_ultralytics_with_the_same_tags(engine, photos):
+def test_the_comparison_catches_a_different_picture(torch_engine):
+    """The tolerances are not blind: the bus photo mirrored (boxes moved, tags nearly the same)
+    and the bus photo cropped (a box lost far above the threshold) both fail."""
+    bus = reference_image((PHOTOS / "bus.jpg").read_bytes())
+    expected = (torch_engine.predict([bus])[0], torch_engine.detect([bus])[0])
+    for changed in (bus.transpose(Image.Transpose.FLIP_LEFT_RIGHT), bus.crop((0, 0, 768, 700))):
+        found = (torch_engine.predict([changed])[0], torch_engine.detect([changed])[0])
+        with pytest.raises(AssertionError):
+            assert_same_answers(torch_engine, found, expected, HALF)
+
+
+def test_an_exported_detector_runs_in_ultralytics_backend_on_our_letterbox_with_the_same_answers(engine, photos):
+    """The reference runs the export through ultralytics' predictor and its own letterbox."""
     if engine.detectors[0].weights.suffix == ".pt":
         pytest.skip("no exported detector runtime (OpenVINO, ONNX Runtime) installed")
     pipeline = DevicePipeline(engine, max_batch=8)
-    assert all(isinstance(d, Detector) for d in pipeline.detectors)
-    for result, data in zip(pipeline.predict(photos[:10]), photos[:10]):
-        assert_same_tags(result, engine.predict([reference_image(data)])[0])
+    assert all(isinstance(d.network, AutoBackend) for d in pipeline.detectors)
+    assert_same_as_the_reference(pipeline, engine, photos[:10], CPU)
 
 
 @pytest.mark.parametrize("image_format", ["PNG", "BMP", "WEBP"])
@@ -131,7 +93,7 @@ def test_other_formats_fall_back_to_pil_and_keep_their_tags(engine, image_format
     buffer = io.BytesIO()
     photo.save(buffer, image_format, **({"lossless": True} if image_format == "WEBP" else {}))
     (tags,) = DevicePipeline(engine).predict([buffer.getvalue()])
-    assert_same_tags(tags, engine.predict([photo])[0])
+    assert_same_tags(tags, engine.predict([photo])[0], CPU)
     assert "cat" in {t.tag.key for t in tags if t.confidence > 0.6}
 
 
@@ -139,7 +101,7 @@ def test_a_corrupt_jpeg_fails_alone(engine):
     good = (PHOTOS / "cat_chelsea.jpg").read_bytes()
     results = DevicePipeline(engine).predict([good, good[:700], good])
     assert isinstance(results[1], UndecodableImage)
-    assert_same_tags(results[0], engine.predict([reference_image(good)])[0])
+    assert_same_tags(results[0], engine.predict([reference_image(good)])[0], CPU)
     assert [t.tag.key for t in results[0]] == [t.tag.key for t in results[2]]
 
 
@@ -168,7 +130,7 @@ def test_a_batch_of_three_runs_as_four_and_every_bucket_is_warmed(torch_engine, 
         hook.remove()
     assert len(results) == 3
     for result, data in zip(results, photos[:3]):
-        assert_same_tags(result, torch_engine.predict([reference_image(data)])[0])
+        assert_same_tags(result, torch_engine.predict([reference_image(data)])[0], CPU)
 
 
 def test_a_failed_batch_is_logged_and_counted_before_the_retry(engine, caplog):
@@ -185,17 +147,22 @@ def test_a_failed_batch_is_logged_and_counted_before_the_retry(engine, caplog):
     assert "a batch of 3 images failed" in caplog.text
 
 
+def test_a_tflite_detector_serves_through_ultralytics_backend():
+    """A fixed-shape int8 TFLite graph: ultralytics' backend quantises and scales its boxes."""
+    engine = TaggingEngine.build(
+        EngineConfig(detector_weights=(SHARED_WEIGHTS / "yolov8n_int8.tflite",), device="cpu", torch_threads=2)
+    )
+    pipeline = DevicePipeline(engine)
+    assert isinstance(pipeline.detectors[0].network, AutoBackend)
+    photos = [(PHOTOS / name).read_bytes() for name in ("bus.jpg", "cat_chelsea.jpg")]
+    assert_same_as_the_reference(pipeline, engine, photos, CPU)
+    bus = {t.tag.key: t for t in pipeline.predict(photos[:1])[0]}["bus"]
+    assert bus.confidence > 0.6 and len(bus.instances) == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_tags_and_boxes_match_the_cpu_reference(torch_engine, photos):
-    cuda_engine = TaggingEngine.build(
-        EngineConfig(detector_weights=(DETECTOR_WEIGHTS,), device="cuda", detector_square_letterbox=True)
-    )
+    cuda_engine = TaggingEngine.build(EngineConfig(detector_weights=(DETECTOR_WEIGHTS,), device="cuda"))
     pipeline = DevicePipeline(cuda_engine, max_batch=16)
     pipeline.warm_up()
-    images = [reference_image(data) for data in photos]
-    for result, image in zip(pipeline.predict(photos), images):
-        assert_same_tags(result, torch_engine.predict([image])[0], HALF_TAG_TOLERANCE)
-    decoded = decode_images(photos[:16], pipeline.device)
-    threshold = cuda_engine.detectors[0].min_confidence
-    for found, expected in zip(pipeline.detect(decoded), torch_engine.detect(images[:16])):
-        assert_same_boxes(found, expected, threshold, HALF_BOX_PIXELS, HALF_SCORE_TOLERANCE)
+    assert_same_as_the_reference(pipeline, torch_engine, photos, HALF)

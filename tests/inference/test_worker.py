@@ -8,19 +8,18 @@ import asyncio
 from redis.asyncio import Redis
 
 from inference.batching import BatchStats
-from inference.engine import ModelError
-from inference.fusion import ScoredTag
+from inference.results import ModelError, ScoredTag, UndecodableImage
 from inference.worker import Worker, WorkerConfig
 from tests.conftest import RedisProcess
 from tests.inference.test_remote import VOCABULARY, fresh_db, gateway, photo
 
 
 class StandInEngine:
-    """Every image is a cat, but a 1x1 image breaks the models (a `ModelError` of its own)."""
+    """Every image is a cat, but one byte breaks the models and two do not decode."""
 
     def predict(self, images):
-        return [ModelError("too small") if image.size == (1, 1) else [ScoredTag(VOCABULARY.tags["cat"], 0.9)]
-                for image in images]
+        outcomes = {1: ModelError("too small"), 2: UndecodableImage("not an image")}
+        return [outcomes.get(len(image), [ScoredTag(VOCABULARY.tags["cat"], 0.9)]) for image in images]
 
 
 class Recorder:
@@ -58,12 +57,14 @@ async def serve_and_tag(url: str, observer: Recorder, *images) -> list:
 
 def test_each_job_gets_its_own_result_and_the_observer_hears_of_it(redis_server: RedisProcess):
     recorder = Recorder()
-    tiny = photo("cat_chelsea.jpg").resize((1, 1))
-    cat, broken = asyncio.run(serve_and_tag(fresh_db(redis_server, 6), recorder, photo("bus.jpg"), tiny))
+    cat, broken, garbled = asyncio.run(
+        serve_and_tag(fresh_db(redis_server, 6), recorder, photo("bus.jpg"), b"\xff", b"\xff\xd8")
+    )
     assert [t.tag.key for t in cat] == ["cat"]
-    assert isinstance(broken, ModelError)
-    assert ("batch", 2) in recorder.calls
+    assert type(broken) is ModelError and isinstance(garbled, UndecodableImage)
+    assert ("batch", 3) in recorder.calls
     assert ("jobs", "tagged", 1) in recorder.calls and ("jobs", "model_error", 1) in recorder.calls
+    assert ("jobs", "undecodable", 1) in recorder.calls
     assert recorder.calls[0] == ("loaded",)  # before anything is served
     assert ("up", True) in recorder.calls and recorder.calls[-1] == ("up", False)
 

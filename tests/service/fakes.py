@@ -18,10 +18,8 @@ from pathlib import Path
 import httpx
 import uvicorn
 from fastapi import FastAPI
-from PIL import Image
 
-from inference.client import TagResult
-from inference.fusion import ScoredTag
+from inference.results import ScoredTag, TagResult
 from inference.vocabulary import Vocabulary
 from service.app import create_app
 from service.assembly import build_components
@@ -44,11 +42,11 @@ class FakeInference:
     def __init__(self, ready: bool = True, delay_s: float = 0.0) -> None:
         self.ready = ready
         self.delay_s = delay_s
-        self.images: list[Image.Image] = []
+        self.images: list[bytes] = []
 
     async def start(self) -> None: ...
 
-    async def tag(self, images: list[Image.Image], deadline: float | None = None) -> list[TagResult]:
+    async def tag(self, images: list[bytes], deadline: float | None = None) -> list[TagResult]:
         self.images += images
         await asyncio.sleep(self.delay_s)
         return [cat() for _ in images]

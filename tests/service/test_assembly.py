@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import subprocess
+import sys
+import time
+
+import redis
+import torch
 
 from inference.batching import BatchingInference
-from inference.remote import RemoteInference
-from service.assembly import build_components
+from inference.device_images import decode_images
+from inference.pipeline import DevicePipeline
+from inference.remote import Channels, RemoteInference, encode_result, parse_job
+from inference.results import ModelError
+from service.assembly import build_components, engine_factory
+from service.metrics import Metrics
 from service.settings import Settings
+from tests.conftest import DETECTOR_WEIGHTS, PHOTOS, REPO
 from tests.service.fakes import FakeInference
+from tests.service.fakes import cat as fake_cat
+
+CHANNELS = Channels()
 
 
 def close(components) -> None:
@@ -46,3 +61,77 @@ def test_auth_mode_none_warns_and_builds_no_authenticator(tmp_path, caplog):
         assert "IMAGETAG_AUTH_MODE=none" in caplog.text
     finally:
         close(components)
+
+
+def test_the_served_models_count_failed_batches_into_the_metrics(tmp_path, caplog):
+    """The embedded service and `imagetag worker` build their models with `engine_factory`, on
+    their own metrics' counter; a batch that fails is logged and counted, not only slow."""
+    settings = Settings(data_dir=tmp_path, redis_url=None, detector_weights=[DETECTOR_WEIGHTS], torch_threads=2,
+                        batch_max_size=4)
+    service = Metrics([1.0])
+    pipeline = engine_factory(settings, service.failed_batches)()
+    assert isinstance(pipeline, DevicePipeline) and pipeline.buckets == (1, 2, 4)
+    (cat,) = decode_images([(PHOTOS / "cat_chelsea.jpg").read_bytes()], pipeline.device)
+    four_channels = torch.cat([cat, cat[:1]])  # pixels the models cannot take
+    with caplog.at_level(logging.ERROR):
+        results = pipeline.predict_pixels([cat, four_channels])
+    assert isinstance(results[1], ModelError) and "cat" in {t.tag.key for t in results[0]}
+    assert "a batch of 2 images failed" in caplog.text
+    assert service.registry.get_sample_value("imagetag_failed_batches_total") == 1
+
+
+GATEWAY_IN_A_FRESH_PROCESS = """
+import asyncio, base64, json, sys
+import httpx
+from service.app import create_app
+from service.assembly import build_components
+from service.settings import Settings
+
+settings = Settings(inference="remote", redis_url=sys.argv[1], master_key="m" * 32, auth_mode="none",
+                    data_dir=sys.argv[2])
+app = create_app(build_components(settings))
+image = base64.b64encode(open(sys.argv[3], "rb").read()).decode()
+
+async def main():
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            while (await client.get("/readyz")).status_code != 200:
+                await asyncio.sleep(0.05)
+            response = await client.post("/v2.0/image/tagging", json={"image": image, "language": "en"}, timeout=30)
+            metrics = await client.get("/metrics")
+    loaded = sorted({"torch", "torchvision", "ultralytics"} & set(sys.modules))
+    print(json.dumps({"status": response.status_code, "body": response.json(), "metrics": metrics.status_code,
+                      "loaded": loaded}))
+
+asyncio.run(main())
+"""
+
+
+def test_a_remote_gateway_builds_and_serves_without_the_model_libraries(tmp_path, redis_server):
+    """`IMAGETAG_INFERENCE=remote`: the app is built and a request served (a photo tagged by a
+    worker played by hand on the real Redis) in a fresh process that never imports torch,
+    torchvision or ultralytics."""
+    with redis.Redis.from_url(redis_server.url) as control:
+        control.flushdb()
+        control.zadd(CHANNELS.workers, {"hand-played": time.time() + 60})
+        gateway = subprocess.Popen(
+            [sys.executable, "-c", GATEWAY_IN_A_FRESH_PROCESS, redis_server.url, str(tmp_path),
+             str(PHOTOS / "cat_chelsea.jpg")],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            read = control.xread({CHANNELS.stream: "0"}, block=30_000)
+            assert read, gateway.stderr.read() if gateway.poll() is not None else "no job queued"
+            ((_, [(_, fields)]),) = read
+            job = parse_job(fields)
+            assert job.image == (PHOTOS / "cat_chelsea.jpg").read_bytes()  # as the client sent it
+            control.xadd(job.reply_to, {"result": encode_result(job.id, fake_cat())})
+            out, err = gateway.communicate(timeout=60)
+        finally:
+            gateway.kill()
+    assert gateway.returncode == 0, err
+    served = json.loads(out.splitlines()[-1])
+    assert served["status"] == 200 and served["metrics"] == 200, served
+    assert [t["tag"] for t in served["body"]["result"]["tags"]] == ["cat"]
+    assert served["loaded"] == []

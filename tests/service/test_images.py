@@ -1,48 +1,32 @@
-"""Image decoding rules, on generated images of every awkward kind a client may send."""
+"""The gateway's image rules, on generated images of every awkward kind a client may send: all
+decided from the header, before any pixel is decoded (the pixels are decoded with the models,
+tests/inference/test_device_images.py)."""
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from service.errors import CorruptImage, ImageSizeInvalid, InvalidParameter, UnsupportedImage
-from service.images import ImageRules, decode_base64, load_image
+from service.images import ImageRules, check_image, decode_base64
+from tests.conftest import PHOTOS
 from tests.service import corpus
 
 RULES = ImageRules(min_side=15, max_side=4096)
 
 
-def test_sixteen_bit_grey_keeps_its_contrast():
-    ramp = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)
-    data = corpus.encode(Image.fromarray(ramp), "PNG")
-    image = load_image(data, RULES)
-    assert image.mode == "RGB"
-    pixels = np.asarray(image)
-    assert pixels.min() < 10 and pixels.max() > 240
-
-
-def test_transparency_becomes_white_not_black():
-    clear = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
-    assert load_image(corpus.encode(clear, "PNG"), RULES).getpixel((5, 5)) == (255, 255, 255)
-    palette = Image.new("P", (32, 32), 0)
-    palette.info["transparency"] = 0
-    assert load_image(corpus.encode(palette, "PNG", transparency=0), RULES).getpixel((5, 5)) == (255, 255, 255)
-
-
-def test_cmyk_jpeg_and_animated_webp_decode():
-    cmyk = Image.new("CMYK", (40, 40), (0, 255, 255, 0))  # red
-    red = load_image(corpus.encode(cmyk, "JPEG"), RULES).getpixel((20, 20))
-    assert red[0] > 200 and red[1] < 60
-    frames = [Image.new("RGB", (40, 40), colour) for colour in ("blue", "green")]
-    webp = corpus.encode(frames[0], "WEBP", save_all=True, append_images=frames[1:])
-    assert load_image(webp, RULES).getpixel((20, 20))[2] > 200
-
-
-def test_exif_orientation_is_applied():
-    wide = Image.new("RGB", (60, 20), "white")
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90° clockwise to view
-    image = load_image(corpus.encode(wide, "JPEG", exif=exif), RULES)
-    assert image.size == (20, 60)
+@pytest.mark.parametrize(
+    "data",
+    [
+        corpus.photo_like(),
+        corpus.photo_like(15, 4096),
+        corpus.encode(Image.new("CMYK", (40, 40)), "JPEG"),
+        corpus.encode(Image.new("I;16", (40, 40)), "PNG"),
+        corpus.photo_like(64, 48, "WEBP"),
+        corpus.photo_like(64, 48, "BMP"),
+    ],
+    ids=["png", "longest side at the limit", "cmyk jpeg", "16-bit png", "webp", "bmp"],
+)
+def test_accepted_images_pass(data):
+    check_image(data, RULES)
 
 
 @pytest.mark.parametrize(
@@ -50,15 +34,28 @@ def test_exif_orientation_is_applied():
     [
         (b"GIF89a....", UnsupportedImage),
         (b"", UnsupportedImage),
-        (corpus.truncated_jpeg(), CorruptImage),
+        (corpus.gif(), UnsupportedImage),
+        (b"\xff\xd8\xff garbage" * 10, CorruptImage),
+        (b"\x89PNG\r\n\x1a\nnot really", CorruptImage),
         (corpus.png_bomb(), ImageSizeInvalid),
         (corpus.png_bomb(5000, 100), ImageSizeInvalid),
         (corpus.photo_like(15, 14), ImageSizeInvalid),
+        (corpus.photo_like(4097, 20), ImageSizeInvalid),
     ],
 )
 def test_refusals(data, error):
     with pytest.raises(error):
-        load_image(data, RULES)
+        check_image(data, RULES)
+
+
+def test_sizes_are_checked_on_the_header_alone():
+    """Cut after its header, a photo is still measured (and its missing pixels are the models'
+    side's to find: tests/service/routes/test_tagging.py)."""
+    header_only = (PHOTOS / "bus.jpg").read_bytes()[:3000]
+    check_image(header_only, RULES)
+    with pytest.raises(ImageSizeInvalid, match="768x1024"):
+        check_image(header_only, ImageRules(min_side=15, max_side=1000))
+    check_image(corpus.truncated_jpeg(), RULES)
 
 
 def test_base64_forms():
@@ -79,4 +76,4 @@ def test_an_unidentifiable_image_is_corrupt_even_with_ultralytics_loaded():
     from ultralytics.utils import patches  # noqa: F401
 
     with pytest.raises(CorruptImage):
-        load_image(b"\xff\xd8\xff garbage" * 10, ImageRules(15, 4096))
+        check_image(b"\xff\xd8\xff garbage" * 10, RULES)

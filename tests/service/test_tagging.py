@@ -10,10 +10,9 @@ import pytest
 import requests
 
 from inference.client import QueueFull
-from inference.engine import ModelError
-from inference.fusion import Instance, ScoredTag
+from inference.results import Instance, ModelError, ScoredTag, UndecodableImage
 from inference.vocabulary import Vocabulary
-from service.errors import ModelFailed, Overloaded, UnsupportedImage
+from service.errors import CorruptImage, ModelFailed, Overloaded, UnsupportedImage
 from service.protocol.tagging import TaggingOptions
 from service.settings import Settings
 from service.tagging import TaggingLimits, TaggingService, render
@@ -67,6 +66,7 @@ def service(inference) -> TaggingService:
         (FakeInference(ready=False), Overloaded),
         (Scripted(QueueFull("full")), Overloaded),
         (Scripted(ModelError("boom")), ModelFailed),
+        (Scripted(UndecodableImage("truncated")), CorruptImage),
     ],
 )
 def test_inference_failures_become_catalogue_errors(inference, error):
@@ -81,9 +81,11 @@ def test_bad_bytes_never_reach_the_models():
     assert inference.images == []
 
 
-def test_bytes_are_tagged_under_the_options():
-    response = asyncio.run(service(FakeInference()).tag_bytes(PNG, TaggingOptions(language="en", limit=1)))
+def test_bytes_are_tagged_under_the_options_and_reach_the_models_as_sent():
+    inference = FakeInference()
+    response = asyncio.run(service(inference).tag_bytes(PNG, TaggingOptions(language="en", limit=1)))
     assert [t.tag for t in response.result.tags] == ["cat"]
+    assert inference.images == [PNG]
 
 
 def test_stalled_downloads_leave_the_project_its_inference_slots(tmp_path):

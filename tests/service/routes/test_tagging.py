@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 from PIL import Image
 
 from tests.conftest import PHOTOS, photo_base64, ultralytics_asset
+from tests.service import corpus
 
 PATHS = ["/v2/0123456789abcdef0123456789abcdef/image/tagging", "/v2.0/image/tagging", "/v1.0/image/tagging"]
 
@@ -99,6 +101,26 @@ def test_boxes_follow_exif_orientation(server):
     assert box["width"] > box["height"] * 0.8  # a sideways bus would be tall and narrow
     assert box["top_left_x"] + box["width"] <= upright.width + 1
     assert box["top_left_y"] + box["height"] <= upright.height + 1
+
+
+def test_corrupt_pixels_behind_a_sound_header_are_refused_by_the_models_alone(server):
+    """The gateway checks headers only; the models decode, and an image whose pixels do not
+    decode gets the contract's AIS.0503 without failing the photos batched beside it."""
+    bodies = [
+        {"image": photo_base64("cat_chelsea.jpg"), "language": "en"},
+        {"image": base64.b64encode(corpus.truncated_jpeg()).decode()},
+        {"image": base64.b64encode(corpus.corrupt_png()).decode()},
+        {"image": photo_base64("bus.jpg"), "language": "en"},
+    ]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        cat, truncated, corrupt, bus = pool.map(
+            lambda body: requests.post(server.url(PATHS[0]), json=body, timeout=60), bodies
+        )
+    for refused in (truncated, corrupt):
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error_code"] == "AIS.0503"
+    assert "cat" in [t["tag"] for t in cat.json()["result"]["tags"]]
+    assert "bus" in [t["tag"] for t in bus.json()["result"]["tags"]]
 
 
 def test_auth_mode_none_warns_at_start(server):

@@ -1,0 +1,58 @@
+"""What the models give for one image, in the types a gateway reads.
+
+Imports neither torch nor numpy nor PIL: a gateway that sends its images to `imagetag worker`s
+(`IMAGETAG_INFERENCE=remote`) renders these without loading the models' libraries.
+
+Per image, a `TagResult`: its tags, most confident first, or the error for that image alone:
+
+    ModelError              the models failed on this image (the contract's 500 AIS.0505)
+     └── UndecodableImage   its pixels could not be decoded: truncated or corrupt (400 AIS.0503)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from inference.vocabulary import Tag
+
+
+@dataclass(frozen=True)
+class Box:
+    """One detection, in the image's own pixels."""
+
+    class_name: str
+    confidence: float
+    """The detector's own score, 0..1."""
+    x: float
+    y: float
+    width: float
+    height: float
+
+
+@dataclass(frozen=True)
+class Instance:
+    confidence: float
+    x: float
+    y: float
+    width: float
+    height: float
+
+
+@dataclass(frozen=True)
+class ScoredTag:
+    tag: Tag
+    confidence: float
+    """Calibrated, 0..1."""
+    instances: tuple[Instance, ...] = ()
+
+
+class ModelError(RuntimeError):
+    """The models failed on one image; carried in that image's result slot."""
+
+
+class UndecodableImage(ModelError):
+    """The image's header passed its checks but its pixels could not be decoded (truncated or
+    corrupt data); carried in that image's result slot."""
+
+
+TagResult = list[ScoredTag] | ModelError
