@@ -179,6 +179,9 @@ def _describe(route: RouteContext, operation: dict[str, Any], *, auth: bool) -> 
         responses.setdefault("413", {})
     if "429" in responses:
         responses.setdefault("503", {})  # what guards the rate (Redis) can be away
+    # The server's own bounds on any request (service/server.py): a head too large, or too slow.
+    responses.setdefault("408", {})
+    responses.setdefault("431", {})
     responses.setdefault("500", {})
     errors = _errors_of(tagging=admitted, body="requestBody" in operation, secured=secured)
     for status, response in responses.items():
