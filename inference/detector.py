@@ -116,5 +116,5 @@ class Detector:
         ):
             x2, y2 = min(x2, width), min(y2, height)
             if x2 > x1 and y2 > y1:
-                found.append(Box(self.names[int(cls)], conf, x1, y1, x2 - x1, y2 - y1))
+                found.append(Box(conf, x1, y1, x2 - x1, y2 - y1, class_name=self.names[int(cls)]))
         return found

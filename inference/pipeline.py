@@ -227,5 +227,5 @@ def _boxes(rows: torch.Tensor, placement: Placement, names: dict[int, str]) -> l
     for x1, y1, x2, y2, score, cls in rows.tolist():
         x1, y1, x2, y2 = placement.to_image(x1, y1, x2, y2)
         if x2 > x1 and y2 > y1:
-            found.append(Box(names[int(cls)], score, x1, y1, x2 - x1, y2 - y1))
+            found.append(Box(score, x1, y1, x2 - x1, y2 - y1, class_name=names[int(cls)]))
     return found

@@ -11,18 +11,16 @@ Per image, a `TagResult`: its tags, most confident first, or the error for that 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from inference.vocabulary import Tag
 
 
 @dataclass(frozen=True)
-class Box:
-    """One detection, in the image's own pixels."""
+class Instance:
+    """Where a tagged thing is, in the image's own pixels, and how sure the models are of it."""
 
-    class_name: str
     confidence: float
-    """The detector's own score, 0..1."""
     x: float
     y: float
     width: float
@@ -30,12 +28,10 @@ class Box:
 
 
 @dataclass(frozen=True)
-class Instance:
-    confidence: float
-    x: float
-    y: float
-    width: float
-    height: float
+class Box(Instance):
+    """One detection; its `confidence` is the detector's own score, before calibration."""
+
+    class_name: str = field(kw_only=True)
 
 
 @dataclass(frozen=True)

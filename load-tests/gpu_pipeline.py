@@ -4,7 +4,8 @@
   device, already preprocessed: the compute ceiling;
 - pipeline: `DevicePipeline.predict` from JPEG bytes in memory (decode, crop, letterbox, both
   models, NMS, fusion), no HTTP: the in-process ceiling;
-- reference: what the service does today per batch, PIL decode then `TaggingEngine.predict`;
+- reference: what the service did per batch before the pipeline served, PIL decode then
+  `TaggingEngine.predict`;
 - fusion alone: `fuse()` per image, on the pipeline's own model outputs.
 
 Each at several batch sizes, over the real photos of tests/photos and tests/evalset/photos,
@@ -25,7 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -36,7 +36,7 @@ from inference.devices import resolve_device  # noqa: E402
 from inference.engine import EngineConfig, TaggingEngine  # noqa: E402
 from inference.fusion import fuse  # noqa: E402
 from inference.image_header import decode_with_pil  # noqa: E402
-from inference.pipeline import DevicePipeline, YoloNetwork  # noqa: E402
+from inference.pipeline import DevicePipeline  # noqa: E402
 
 
 def photo_bytes(limit: int) -> list[bytes]:
@@ -116,7 +116,8 @@ def main() -> int:
     pipeline.warm_up()
     photos = photo_bytes(args.photos)
     detector_kinds = ", ".join(
-        "network" if isinstance(d, YoloNetwork) else f"ultralytics {d.weights.name}" for d in pipeline.detectors
+        f"{d.weights.name} ({'its network' if d.weights.suffix == '.pt' else 'ultralytics AutoBackend'})"
+        for d in engine.detectors
     )
     print(f"device {device}; classifier {engine.classifier.runtime}; detector {detector_kinds}; "
           f"buckets {pipeline.buckets if pipeline.pad_to_buckets else 'none (unpadded)'}; "
@@ -133,15 +134,11 @@ def main() -> int:
         classifier_input = torch.randn(size, 3, INPUT_SIZE, INPUT_SIZE, device=device)
         square = pipeline.letterbox_size
         letterboxed = torch.full((size, 3, square, square), 114, dtype=torch.uint8, device=device)
-        decoded = [image for image in decode_images(batch(0, size), device) if isinstance(image, torch.Tensor)]
 
         def models_alone(_: int) -> None:
             engine.classifier.logits(classifier_input)
             for detector in pipeline.detectors:
-                if isinstance(detector, YoloNetwork):
-                    detector.detections(letterboxed)
-                else:  # an exported detector takes PIL images through ultralytics' own preprocessing
-                    detector.predict([Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy()) for pixels in decoded])
+                detector.detections(letterboxed)
 
         def reference(index: int) -> None:
             engine.predict([decode_with_pil(data) for data in batch(index, size)])

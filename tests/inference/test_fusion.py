@@ -56,7 +56,7 @@ def test_confidence_is_the_calibrated_probability_of_the_evidence(vocabulary):
 
 
 def test_both_models_seeing_one_thing_make_one_tag_with_boxes(vocabulary):
-    box = Box("banana", 0.5, 10, 20, 30, 40)
+    box = Box(0.5, 10, 20, 30, 40, class_name="banana")
     tags = fuse(vocabulary, probabilities(i954=0.6), [box], DETECTOR_KEYS, SIMPLE)
     bananas = [t for t in tags if t.tag.key == "banana"]
     assert len(bananas) == 1
@@ -80,14 +80,15 @@ def test_a_parent_is_never_less_confident_than_its_child(vocabulary):
             "both": {"classifier_slope": 1.0, "detector_slope": 1.0},
         }
     )
-    tags = by_key(fuse(vocabulary, probabilities(), [Box("banana", 0.5, 0, 0, 9, 9)], DETECTOR_KEYS, calibration))
+    banana = Box(0.5, 0, 0, 9, 9, class_name="banana")
+    tags = by_key(fuse(vocabulary, probabilities(), [banana], DETECTOR_KEYS, calibration))
     assert tags["banana"].confidence == pytest.approx(sigmoid(1.0), abs=1e-6)
     assert tags["fruit"].confidence == tags["banana"].confidence
     assert tags["food"].confidence == tags["banana"].confidence
 
 
 def test_sorted_most_confident_first_and_floor_applied(vocabulary):
-    boxes = [Box("person", 0.9, 0, 0, 5, 5), Box("person", 0.3, 1, 1, 5, 5)]
+    boxes = [Box(0.9, 0, 0, 5, 5, class_name="person"), Box(0.3, 1, 1, 5, 5, class_name="person")]
     tags = fuse(vocabulary, probabilities(i281=0.011), boxes, DETECTOR_KEYS, SIMPLE)
     confidences = [t.confidence for t in tags]
     assert confidences == sorted(confidences, reverse=True)
@@ -101,7 +102,8 @@ def test_sorted_most_confident_first_and_floor_applied(vocabulary):
 
 def test_rival_is_the_classifiers_belief_in_something_unrelated(vocabulary):
     # A detector "person" on a photo the classifier calls a banana (954) and, a little, a cat.
-    evidence, _ = gather(vocabulary, probabilities(i954=0.8, i281=0.1), [Box("person", 0.5, 0, 0, 9, 9)], DETECTOR_KEYS)
+    person = Box(0.5, 0, 0, 9, 9, class_name="person")
+    evidence, _ = gather(vocabulary, probabilities(i954=0.8, i281=0.1), [person], DETECTOR_KEYS)
     assert evidence["person"].rival == pytest.approx(0.8, abs=1e-6)
     # The banana's own root (food) is not its rival; the cat's (animal) is.
     assert evidence["banana"].rival == pytest.approx(0.1, abs=1e-6)

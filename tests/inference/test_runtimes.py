@@ -189,17 +189,17 @@ def test_detector_export_matches_reference(runtime, runtime_cache, photos, refer
 
 
 def test_the_box_check_catches_a_moved_box():
-    box = Box("person", 0.9, 10, 10, 100, 200)
-    assert_same_boxes([Box("person", 0.905, 10.5, 10, 100, 200)], [box], "close")
+    box = Box(0.9, 10, 10, 100, 200, class_name="person")
+    assert_same_boxes([Box(0.905, 10.5, 10, 100, 200, class_name="person")], [box], "close")
     with pytest.raises(AssertionError):
-        assert_same_boxes([Box("person", 0.9, 13, 10, 100, 200)], [box], "moved")
+        assert_same_boxes([Box(0.9, 13, 10, 100, 200, class_name="person")], [box], "moved")
     with pytest.raises(AssertionError):
-        assert_same_boxes([Box("person", 0.87, 10, 10, 100, 200)], [box], "less confident")
+        assert_same_boxes([Box(0.87, 10, 10, 100, 200, class_name="person")], [box], "less confident")
     with pytest.raises(AssertionError):
-        assert_same_boxes([Box("dog", 0.9, 10, 10, 100, 200)], [box], "another class")
+        assert_same_boxes([Box(0.9, 10, 10, 100, 200, class_name="dog")], [box], "another class")
     with pytest.raises(AssertionError):
-        assert_same_boxes([Box("cup", 0.3, 0, 0, 5, 5)], [], "new box")
-    assert_same_boxes([], [Box("cup", 0.255, 0, 0, 5, 5)], "at the threshold")
+        assert_same_boxes([Box(0.3, 0, 0, 5, 5, class_name="cup")], [], "new box")
+    assert_same_boxes([], [Box(0.255, 0, 0, 5, 5, class_name="cup")], "at the threshold")
 
 
 def test_detector_export_is_reused(runtime_cache, monkeypatch):
