@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from service.errors import InvalidCredentials
 from service.identity.models import Project
@@ -33,6 +33,17 @@ class Admission:
     limits: Limits
     project_key: str
     headers: dict[str, str]  # X-RateLimit-*
+    buckets: list[Bucket] = field(default_factory=list)
+
+    async def count_images(self, images: int) -> dict[str, str]:
+        """A call of several images costs a token per image: takes those beyond the call's own,
+        all or none (429 when the buckets hold fewer); the X-RateLimit-* headers after it."""
+        if images > 1:
+            decision = await self.limiter.take(self.buckets, images - 1)
+            if not decision.allowed:
+                raise rejection(decision)
+            self.headers.update(headers(decision))
+        return self.headers
 
     def inference(self) -> AbstractAsyncContextManager[Lease]:
         """One of the project's `max_concurrent_per_project` slots; 429 at once when none is free."""
@@ -60,7 +71,7 @@ class Gate:
         decision = await self.limiter.take(buckets)
         if not decision.allowed:
             raise rejection(decision)
-        return Admission(self.limiter, self.limits, project_key, headers(decision))
+        return Admission(self.limiter, self.limits, project_key, headers(decision), buckets)
 
     @asynccontextmanager
     async def password_attempt(self, user_key: str, client_host: str | None) -> AsyncIterator[None]:

@@ -17,6 +17,7 @@ dependencies an operation passes through) and from the error catalogue:
 
 from __future__ import annotations
 
+import copy
 import re
 from http import HTTPStatus
 from collections.abc import Callable, Iterator
@@ -122,9 +123,10 @@ def install(app: FastAPI) -> None:
 
 
 def document(app: FastAPI, *, auth: bool) -> dict[str, Any]:
-    spec = get_openapi(
+    # A copy: FastAPI shares the routes' `openapi_extra` objects between operations and apps.
+    spec = copy.deepcopy(get_openapi(
         title=app.title, version=app.version, summary=app.summary, description=DESCRIPTION, routes=app.routes
-    )
+    ))
     components = spec.setdefault("components", {})
     components["securitySchemes"] = SECURITY_SCHEMES
     for route, operation in _operations(app, spec):
@@ -224,7 +226,8 @@ def _error_content(response: dict[str, Any], status: int, errors: list[tuple[str
 
 
 def _add_examples(operation: dict[str, Any]) -> None:
-    for content in [_json(operation.get("requestBody", {})), *map(_json, operation["responses"].values())]:
+    bodies = operation.get("requestBody", {}).get("content", {}).values()
+    for content in [*bodies, *map(_json, operation["responses"].values())]:
         if not {"example", "examples"} & content.keys() and (name := _schema_name(content.get("schema", {}))) in EXAMPLES:
             content["examples"] = EXAMPLES[name]
 
