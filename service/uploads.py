@@ -69,7 +69,10 @@ def one_image(body: ReceivedBody, content_type: str, query: Mapping[str, str]) -
 
 def several_images(body: ReceivedBody, content_type: str) -> Images:
     """The batch paths' request: JSON `{"images": [...]}`, or a form of several images."""
-    if media_type(content_type) == MULTIPART:
+    kind = media_type(content_type)
+    if kind in IMAGE_MEDIA_TYPES:
+        raise InvalidJson(f"a batch is JSON or {MULTIPART}; one image's own bytes go to the single-image path")
+    if kind == MULTIPART:
         fields, sources = _form(body.data, content_type)
         if not 1 <= len(sources) <= MAX_BATCH_IMAGES:
             raise InvalidParameter(f"the form holds {len(sources)} images; give 1 to {MAX_BATCH_IMAGES}")

@@ -109,7 +109,8 @@ def fake(tmp_path_factory):
         (lambda s: raw(s, b"--x\r\nContent-Disposition: form-data\r\n\r\n1\r\n--x--\r\n", "multipart/form-data; boundary=x"),
          "AIS.0014"),
         (lambda s: raw(s, b"no boundary at all", "multipart/form-data; boundary=x"), "AIS.0014"),
-        (lambda s: raw(s, CAT, path=BATCH), "AIS.0014"),  # a batch takes JSON or a form
+        (lambda s: raw(s, CAT, path=BATCH), "AIS.0014"),  # a batch is JSON or a form
+        (lambda s: raw(s, CAT, "text/plain", path=BATCH), "AIS.0014"),
     ],
 )
 def test_bad_uploads_get_the_contracts_errors(fake, send, code):

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from inference.results import ModelError
 from tests.conftest import PHOTOS, photo_base64
 from tests.service import corpus
 from tests.service.fakes import FakeInference, gateway
@@ -155,3 +156,19 @@ def test_models_not_ready_is_a_503_for_the_whole_call(tmp_path):
         response = batch(server, {"images": [{"image": photo_base64("cat_chelsea.jpg")}, {"image": "bad!"}]})
     assert response.status_code == 503 and response.json()["error_code"] == "AIS.0506"
     assert response.headers["Retry-After"]
+
+
+class FailsOnTheSecond(Recording):
+    async def tag(self, images, deadline=None):
+        results = await super().tag(images, deadline)
+        return [ModelError("the models failed on this image") if i == 1 else r for i, r in enumerate(results)]
+
+
+def test_a_model_failure_is_that_images_alone(tmp_path):
+    cat = {"image": photo_base64("cat_chelsea.jpg")}
+    with gateway(tmp_path, FailsOnTheSecond()) as server:
+        response = batch(server, {"images": [cat, cat, cat], "language": "en"})
+    assert response.status_code == 200
+    first, failed, third = response.json()["results"]
+    assert failed == {"error_code": "AIS.0505", "error_msg": "the models failed on this image"}
+    assert names(first) == names(third) == ["cat"]
