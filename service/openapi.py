@@ -54,6 +54,11 @@ A drop-in image tagging API: the vendor's SDK and its sample code work against i
 request with an access key (`Authorization: SDK-HMAC-SHA256 ...` and `X-Sdk-Date`), as the SDK
 does. A service run with `IMAGETAG_AUTH_MODE=none` takes every request without credentials.
 
+**Beyond the vendor's API** (its SDK never uses these): `.../image/tagging/batch` tags up to 32
+images per call; the tagging paths also take an image's own bytes (`image/jpeg`, `image/png`,
+`image/bmp`, `image/webp`, the options as query parameters) and `multipart/form-data`; and
+`label_structure: true` adds each tag's parents, aliases and category ids.
+
 **Errors.** Every error is `{"error_code": ..., "error_msg": ...}` with the status and code of
 the error catalogue; an unknown path or method is 404 `APIG.0101`. Every response carries an
 `X-Request-Id` to quote when reporting a problem.
