@@ -74,9 +74,12 @@ class BatchTaggingRequest(TaggingOptions):
 
 def _catalogue_error(error: ValidationError, fields: tuple[str, ...]) -> InvalidParameter | UnknownField:
     problems = error.errors(include_url=False)
-    unknown = [".".join(map(str, p["loc"])) for p in problems if p["type"] == "extra_forbidden"]
+    unknown = [p["loc"] for p in problems if p["type"] == "extra_forbidden"]
     if unknown:
-        return UnknownField(f"unknown field {', '.join(map(repr, unknown))}; the API accepts {', '.join(fields)}")
+        # Only a batch nests: its images, each an ImageSource.
+        accepted = ImageSource.model_fields if len(unknown[0]) > 1 else fields
+        names = ", ".join(repr(".".join(map(str, loc))) for loc in unknown)
+        return UnknownField(f"unknown field {names}; the API accepts {', '.join(accepted)}")
     return invalid_parameter(problems)
 
 
