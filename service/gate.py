@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from service.errors import InvalidCredentials
 from service.identity.models import Project
@@ -33,6 +33,19 @@ class Admission:
     limits: Limits
     project_key: str
     headers: dict[str, str]  # X-RateLimit-*
+    buckets: list[Bucket] = field(default_factory=list)
+
+    async def count_images(self, images: int) -> dict[str, str]:
+        """A call of several images costs a token per image: takes those beyond the call's own,
+        all or none (429 when the buckets hold fewer, the call's own given back); the
+        X-RateLimit-* headers after it."""
+        if images > 1:
+            decision = await self.limiter.take(self.buckets, images - 1)
+            if not decision.allowed:
+                await _give_back(self.limiter, self.buckets)
+                raise rejection(decision)
+            self.headers.update(headers(decision))
+        return self.headers
 
     def inference(self) -> AbstractAsyncContextManager[Lease]:
         """One of the project's `max_concurrent_per_project` slots; 429 at once when none is free."""
@@ -60,7 +73,7 @@ class Gate:
         decision = await self.limiter.take(buckets)
         if not decision.allowed:
             raise rejection(decision)
-        return Admission(self.limiter, self.limits, project_key, headers(decision))
+        return Admission(self.limiter, self.limits, project_key, headers(decision), buckets)
 
     @asynccontextmanager
     async def password_attempt(self, user_key: str, client_host: str | None) -> AsyncIterator[None]:
@@ -90,16 +103,17 @@ class Gate:
         except InvalidCredentials:
             raise  # a failure: it stays counted
         except Exception:
-            await self._give_back(buckets)
+            await _give_back(self.limiter, buckets)
             raise
-        await self._give_back(buckets)
+        await _give_back(self.limiter, buckets)
         await self.limiter.remember(known, KNOWN_ADDRESS_TTL_S)
 
-    async def _give_back(self, buckets: list[Bucket]) -> None:
-        try:
-            await self.limiter.refund(buckets)
-        except RateLimiterUnavailable:
-            pass  # logged by the limiter; the attempt stays counted, which costs the user one try
+
+async def _give_back(limiter: RateLimiter, buckets: list[Bucket]) -> None:
+    try:
+        await limiter.refund(buckets)
+    except RateLimiterUnavailable:
+        pass  # logged by the limiter; the tokens stay spent, which costs the caller one try
 
 
 def _per(key: str, count: float, seconds: int) -> Bucket:

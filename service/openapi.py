@@ -17,6 +17,7 @@ dependencies an operation passes through) and from the error catalogue:
 
 from __future__ import annotations
 
+import copy
 import re
 from http import HTTPStatus
 from collections.abc import Callable, Iterator
@@ -52,6 +53,11 @@ A drop-in image tagging API: the vendor's SDK and its sample code work against i
 **Credentials.** Send an IAM token in `X-Auth-Token` (from `POST /v3/auth/tokens`), or sign the
 request with an access key (`Authorization: SDK-HMAC-SHA256 ...` and `X-Sdk-Date`), as the SDK
 does. A service run with `IMAGETAG_AUTH_MODE=none` takes every request without credentials.
+
+**Beyond the vendor's API** (its SDK never uses these): `.../image/tagging/batch` tags up to 32
+images per call; the tagging paths also take an image's own bytes (`image/jpeg`, `image/png`,
+`image/bmp`, `image/webp`, the options as query parameters) and `multipart/form-data`; and
+`label_structure: true` adds each tag's parents, aliases and category ids.
 
 **Errors.** Every error is `{"error_code": ..., "error_msg": ...}` with the status and code of
 the error catalogue; an unknown path or method is 404 `APIG.0101`. Every response carries an
@@ -122,9 +128,10 @@ def install(app: FastAPI) -> None:
 
 
 def document(app: FastAPI, *, auth: bool) -> dict[str, Any]:
-    spec = get_openapi(
+    # A copy: FastAPI shares the routes' `openapi_extra` objects between operations and apps.
+    spec = copy.deepcopy(get_openapi(
         title=app.title, version=app.version, summary=app.summary, description=DESCRIPTION, routes=app.routes
-    )
+    ))
     components = spec.setdefault("components", {})
     components["securitySchemes"] = SECURITY_SCHEMES
     for route, operation in _operations(app, spec):
@@ -224,7 +231,8 @@ def _error_content(response: dict[str, Any], status: int, errors: list[tuple[str
 
 
 def _add_examples(operation: dict[str, Any]) -> None:
-    for content in [_json(operation.get("requestBody", {})), *map(_json, operation["responses"].values())]:
+    bodies = operation.get("requestBody", {}).get("content", {}).values()
+    for content in [*bodies, *map(_json, operation["responses"].values())]:
         if not {"example", "examples"} & content.keys() and (name := _schema_name(content.get("schema", {}))) in EXAMPLES:
             content["examples"] = EXAMPLES[name]
 

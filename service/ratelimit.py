@@ -86,9 +86,9 @@ def headers(decision: Decision) -> dict[str, str]:
 
 
 class RateLimiter(ABC):
-    async def take(self, buckets: Sequence[Bucket]) -> Decision:
-        """Take one token from every bucket if each has one; otherwise take none and deny."""
-        return await self._spend(buckets, 1)
+    async def take(self, buckets: Sequence[Bucket], tokens: int = 1) -> Decision:
+        """Take `tokens` from every bucket if each holds them; otherwise take none and deny."""
+        return await self._spend(buckets, tokens)
 
     async def refund(self, buckets: Sequence[Bucket]) -> None:
         """Give back a token `take` took from each bucket (none beyond its burst)."""

@@ -65,9 +65,53 @@ EXAMPLES: dict[str, dict[str, dict[str, Any]]] = {
             "value": {"url": "https://images.example.com/cat.jpg", "language": "zh"},
         },
     },
+    "TaggingForm": {
+        "file": {
+            "summary": "The image's file beside the options (the file's bytes stand for the placeholder)",
+            "value": {"image": "(the bytes of cat.jpg)", "language": "en", "limit": 5},
+        }
+    },
+    "BatchTaggingRequest": {
+        "mixed": {
+            "summary": "Two images, one in base64 and one to download",
+            "value": {
+                "images": [{"image": SMALL_PNG_BASE64}, {"url": "https://images.example.com/cat.jpg"}],
+                "language": "en",
+                "limit": 5,
+            },
+        }
+    },
+    "BatchTaggingForm": {
+        "files": {
+            "summary": "Several files, each an 'image' part, beside the options",
+            "value": {"image": ["(the bytes of cat.jpg)", "(the bytes of bus.jpg)"], "language": "en"},
+        }
+    },
+    "BatchTaggingResponse": {
+        "mixed": {
+            "summary": "Tags for the first image; the second was not an image",
+            "value": {
+                "results": [
+                    {"result": {"tags": [_CAT, _ANIMAL]}},
+                    {"error_code": "AIS.0502", "error_msg": "the image is not JPG, PNG, BMP or WEBP"},
+                ]
+            },
+        }
+    },
     "TaggingResponse": {
         "cat": {"summary": "A cat, with its box", "value": {"result": {"tags": [_CAT, _ANIMAL]}}},
         "nothing": {"summary": "Nothing above the threshold", "value": {"result": {"tags": []}}},
+        "label_structure": {
+            "summary": "With label_structure: true (an extension), each tag's place in the vocabulary",
+            "value": {"result": {"tags": [_CAT | {
+                "parents": [
+                    {"name": "mammal", "i18n": {"zh": "哺乳动物", "en": "mammal"}},
+                    {"name": "animal", "i18n": {"zh": "动物", "en": "animal"}},
+                ],
+                "aliases": [],
+                "category_ids": ["animal"],
+            }]}},
+        },
     },
     "TokenRequest": {
         "password": {
@@ -122,7 +166,7 @@ EXAMPLES: dict[str, dict[str, dict[str, Any]]] = {
 # One message per catalogue entry, as the service words it: the error examples of every operation.
 ERROR_MESSAGES: dict[type[ServiceError], str] = {
     InvalidJson: "the request body is not valid JSON",
-    UnknownField: "unknown field 'imgae'; the API accepts image, url, language, threshold, limit",
+    UnknownField: "unknown field 'imgae'; the API accepts image, url, language, threshold, limit, label_structure",
     InvalidParameter: "threshold: Input should be less than or equal to 100",
     UnsupportedImage: "the image is not JPG, PNG, BMP or WEBP",
     CorruptImage: "the image could not be decoded",

@@ -98,7 +98,7 @@ async def main():
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
             while (await client.get("/readyz")).status_code != 200:
                 await asyncio.sleep(0.05)
-            response = await client.post("/v2.0/image/tagging", json={"image": image, "language": "en"}, timeout=30)
+            response = await client.post("/v2.0/image/tagging", json={"image": image, "language": "en", "label_structure": True}, timeout=30)
             metrics = await client.get("/metrics")
     loaded = sorted({"torch", "torchvision", "ultralytics"} & set(sys.modules))
     print(json.dumps({"status": response.status_code, "body": response.json(), "metrics": metrics.status_code,
@@ -110,8 +110,8 @@ asyncio.run(main())
 
 def test_a_remote_gateway_builds_and_serves_without_the_model_libraries(tmp_path, redis_server):
     """`IMAGETAG_INFERENCE=remote`: the app is built and a request served (a photo tagged by a
-    worker played by hand on the real Redis) in a fresh process that never imports torch,
-    torchvision or ultralytics."""
+    worker played by hand on the real Redis, with label_structure) in a fresh process that never
+    imports torch, torchvision or ultralytics."""
     with redis.Redis.from_url(redis_server.url) as control:
         control.flushdb()
         control.zadd(CHANNELS.workers, {"hand-played": time.time() + 60})
@@ -134,4 +134,5 @@ def test_a_remote_gateway_builds_and_serves_without_the_model_libraries(tmp_path
     served = json.loads(out.splitlines()[-1])
     assert served["status"] == 200 and served["metrics"] == 200, served
     assert [t["tag"] for t in served["body"]["result"]["tags"]] == ["cat"]
-    assert served["loaded"] == []
+    assert [p["name"] for p in served["body"]["result"]["tags"][0]["parents"]] == ["mammal", "animal"]
+    assert served["loaded"] == []  # label_structure's vocabulary included

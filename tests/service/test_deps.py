@@ -49,9 +49,12 @@ def test_a_body_over_the_cap_is_refused_whether_declared_or_streamed(tmp_path):
 
 def test_the_documented_parameters_are_the_contract_s(tmp_path):
     schema = build_app(tmp_path).openapi()["paths"]
-    # No query parameter (the body dependency's keyword arguments are not one); the project header
-    # is service/openapi.py's, for paths without a project id.
-    assert [p["name"] for p in schema["/v1.0/image/tagging"]["post"]["parameters"]] == ["X-Project-Id"]
+    # No query parameter from the body dependency's keyword arguments: only the options, which a
+    # raw image body takes as query parameters; the project header is service/openapi.py's, for
+    # paths without a project id.
+    assert [p["name"] for p in schema["/v1.0/image/tagging"]["post"]["parameters"]] == [
+        "language", "threshold", "limit", "label_structure", "X-Project-Id"]
+    assert [p["name"] for p in schema["/v1.0/image/tagging/batch"]["post"]["parameters"]] == ["X-Project-Id"]
     assert [p["name"] for p in schema["/v3/auth/tokens"]["post"]["parameters"]] == ["nocatalog"]
 
 

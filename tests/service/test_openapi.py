@@ -14,7 +14,7 @@ from service.errors import CATALOGUE
 from tests.conftest import photo_base64
 from tests.service.fakes import build_app, serving
 
-OPERATIONS = 8  # three tagging paths, three IAM operations, two probes
+OPERATIONS = 11  # three tagging paths and their three batch paths, three IAM operations, two probes
 TAGGING = "/v2/0123456789abcdef0123456789abcdef/image/tagging"
 
 
@@ -29,9 +29,11 @@ def operations(spec: dict):
 
 
 def media(operation: dict):
-    """(where, JSON media type) of the request body and of every response that has a body."""
-    if "requestBody" in operation:
-        yield "request", operation["requestBody"]["content"]["application/json"]
+    """(where, media type) of every request body type but an image's own bytes (which have no
+    example to give), and of every response that has a body (JSON)."""
+    for kind, content in operation.get("requestBody", {}).get("content", {}).items():
+        if not kind.startswith("image/"):
+            yield f"request {kind}", content
     for status, response in operation["responses"].items():
         if "content" in response:
             yield status, response["content"]["application/json"]
@@ -50,7 +52,7 @@ def test_every_path_parameter_is_declared(tmp_path):
     for path, _, operation in operations(spec):
         declared = {p["name"] for p in operation.get("parameters", []) if p["in"] == "path"}
         assert declared == set(re.findall(r"{(\w+)}", path)), path
-    (project_id,) = spec["paths"]["/v2/{project_id}/image/tagging"]["post"]["parameters"]
+    (project_id,) = [p for p in spec["paths"]["/v2/{project_id}/image/tagging"]["post"]["parameters"] if p["in"] == "path"]
     assert project_id["required"] and re.fullmatch(project_id["schema"]["pattern"], project_id["example"])
 
 
@@ -62,8 +64,8 @@ def test_credentials_are_declared_where_they_are_asked_for(tmp_path):
     assert "X-Sdk-Date" in schemes["SDK-HMAC-SHA256"]["description"]
     both = [{"X-Auth-Token": []}, {"SDK-HMAC-SHA256": []}]
     secured = {(p, m) for p, m, o in operations(iam) if o.get("security") == both}
-    assert secured == {
-        ("/v1.0/image/tagging", "post"), ("/v2.0/image/tagging", "post"), ("/v2/{project_id}/image/tagging", "post"),
+    tagging = {"/v1.0/image/tagging", "/v2.0/image/tagging", "/v2/{project_id}/image/tagging"}
+    assert secured == {(path + batch, "post") for path in tagging for batch in ("", "/batch")} | {
         ("/v3/auth/tokens", "delete"), ("/v3/projects", "get"),
     }
     for path, method in secured:
@@ -93,6 +95,23 @@ def test_response_headers_are_declared(tmp_path):
     assert {"X-RateLimit-Limit", "X-RateLimit-Remaining"} <= tagging["200"]["headers"].keys()
     assert {"X-RateLimit-Limit", "X-RateLimit-Remaining"} <= tagging["429"]["headers"].keys()
     assert "X-Subject-Token" in spec["paths"]["/v3/auth/tokens"]["post"]["responses"]["201"]["headers"]
+
+
+def test_tagging_paths_describe_binary_uploads(tmp_path):
+    spec = document(tmp_path, "iam")
+    for path in ("/v1.0/image/tagging", "/v2.0/image/tagging", "/v2/{project_id}/image/tagging"):
+        one, batch = (spec["paths"][path + suffix]["post"] for suffix in ("", "/batch"))
+        content = one["requestBody"]["content"]
+        assert set(content) == {"application/json", "multipart/form-data", "image/jpeg", "image/png", "image/bmp", "image/webp"}
+        assert content["image/png"]["schema"] == {"type": "string", "format": "binary"}
+        assert content["multipart/form-data"]["schema"]["properties"]["image"]["format"] == "binary"
+        query = {p["name"] for p in one["parameters"] if p["in"] == "query"}
+        assert query == {"language", "threshold", "limit", "label_structure"}
+        content = batch["requestBody"]["content"]
+        assert set(content) == {"application/json", "multipart/form-data"}
+        assert content["multipart/form-data"]["schema"]["properties"]["image"]["items"]["format"] == "binary"
+        assert content["application/json"]["schema"]["properties"]["images"]["maxItems"] == 32
+        assert batch["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("BatchTaggingResponse")
 
 
 def test_every_body_has_examples_that_match_its_schema(tmp_path):

@@ -12,8 +12,19 @@ from service.errors import CATALOGUE
 from service.protocol import iam, tagging
 from service.protocol.examples import ERROR_MESSAGES, EXAMPLES, SMALL_PNG_BASE64
 
+
+
+def form_options(value: dict):
+    """A form's fields other than its files, as the service reads them."""
+    return tagging.TaggingOptions.parse({k: v for k, v in value.items() if k != "image"}, text=True)
+
+
 MODELS = {
     "TaggingRequest": tagging.TaggingRequest.parse,
+    "TaggingForm": form_options,
+    "BatchTaggingRequest": tagging.BatchTaggingRequest.parse,
+    "BatchTaggingForm": form_options,
+    "BatchTaggingResponse": tagging.BatchTaggingResponse.model_validate,
     "TaggingResponse": tagging.TaggingResponse.model_validate,
     "TokenRequest": iam.TokenRequest.parse,
     "TokenResponse": iam.TokenResponse.model_validate,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service.errors import InvalidParameter, UnknownField
-from service.protocol.tagging import TaggingOptions, TaggingRequest
+from service.protocol.tagging import BatchTaggingRequest, TaggingOptions, TaggingRequest
 
 
 def test_null_and_empty_count_as_absent_and_defaults_fill_in():
@@ -35,3 +35,13 @@ def test_options_alone_are_the_clis_flags():
         TaggingOptions.parse({"limit": 0})
     with pytest.raises(UnknownField):
         TaggingOptions.parse({"image": "abc"})  # an image is a request's, not an option
+
+
+def test_a_batch_names_the_unknown_field_where_it_is():
+    with pytest.raises(UnknownField) as raised:
+        BatchTaggingRequest.parse({"images": [{"image": "aGVsbG8="}, {"imgae": "aGVsbG8="}]})
+    assert raised.value.message == "unknown field 'images.1.imgae'; the API accepts image, url"
+    with pytest.raises(UnknownField) as raised:
+        BatchTaggingRequest.parse({"images": [{"image": "aGVsbG8="}], "image": "aGVsbG8="})
+    assert raised.value.message == (
+        "unknown field 'image'; the API accepts language, threshold, limit, label_structure, images")
