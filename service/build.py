@@ -7,8 +7,12 @@ the `imagetag_build_info` metric, so that a result can be traced to the weights 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from inference.files import file_sha256
 from service.settings import Settings
@@ -48,3 +52,19 @@ def _tree_sha256(folder: Path) -> str:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + file_sha256(path).encode())
     return digest.hexdigest()
+
+
+class BuildInfo(Collector):
+    """A constant 1 whose labels say what runs; read at each scrape, as remote workers may change."""
+
+    def __init__(self, version: str, models: Callable[[], str]) -> None:
+        self.version = version
+        self.models = models
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        info = GaugeMetricFamily(
+            "imagetag_build_info", "The version, and the digests of the model weights that answer",
+            labels=["version", "models"],
+        )
+        info.add_metric([self.version, self.models()], 1.0)
+        yield info

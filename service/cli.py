@@ -57,9 +57,9 @@ def imagetag_version() -> str:
 
 
 def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from service.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
 
 
 def _problem(error: dict) -> str:
@@ -253,18 +253,23 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from service.assembly import build_worker
     from service.backends import redis_client
     from service.preflight import check_worker
+    from service.tracing import build_tracing
     from service.worker_metrics import WorkerMetrics
 
     check_worker(settings)
     client = redis_client(settings)
+    tracing = build_tracing(settings, "imagetag-worker")
     metrics = WorkerMetrics()
+    worker = build_worker(settings, client, metrics, metrics.failed_batches, tracing)
+    metrics.describe_build(imagetag_version(), worker.models)
     metrics.serve(settings.host, settings.metrics_port)
 
     async def work() -> None:
         try:
-            await run_until_signalled(build_worker(settings, client, metrics, metrics.failed_batches))
+            await run_until_signalled(worker)
         finally:
             await client.aclose()
+            tracing.close()
 
     try:
         asyncio.run(work())
