@@ -54,10 +54,15 @@ def create_app(
         loading = asyncio.create_task(inference.start())
         loading.add_done_callback(log_task_failure("loading the models"))
         loading.add_done_callback(loaded)
+        # The weights' digests for the X-Imagetag-Models header: hashed once, off the event loop,
+        # rather than by the first request.
+        digests = asyncio.create_task(asyncio.to_thread(components.models))
+        digests.add_done_callback(log_task_failure("hashing the weights"))
         try:
             yield
         finally:
             loading.cancel()
+            digests.cancel()
             await components.close()
 
     app = FastAPI(
