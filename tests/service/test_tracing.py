@@ -93,6 +93,7 @@ def receiver() -> Iterator[OtlpReceiver]:
     running = OtlpReceiver()
     yield running
     running.server.shutdown()
+    running.server.server_close()
 
 
 def sha256(path) -> str:
