@@ -16,7 +16,8 @@ empty; older gateways send none). A reply entry has one field, `result`, in JSON
 "tags": [[key, confidence, [[confidence, x, y, width, height], ...]], ...]}` or `{"job": ...,
 "error": "model" | "undecodable" | "expired", "message": ...}`, both with `"models"`: the digests
 of the worker's weights (`detector=sha256:HEX,...,classifier=sha256:HEX`), which the gateway
-names in its answer; never pickle, so a worker cannot run code in a gateway. A gateway that does not know an error kind takes it for "model". Workers ack and delete an answered job,
+names in its answer (older workers send none); never pickle, so a worker cannot run code in a
+gateway. A gateway that does not know an error kind takes it for "model". Workers ack and delete an answered job,
 so the jobs stream's length is what is queued or in progress. Replies go to a stream, not a
 list, because reading a stream takes nothing away: a read whose answer is lost to a timeout is
 simply read again, where a popped list item would be gone.

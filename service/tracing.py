@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
-
-from starlette.types import Scope
+from typing import TYPE_CHECKING, Any
 
 from service.build import version
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from starlette.types import Scope
 
 _PROPAGATED = (b"traceparent", b"tracestate")
 
