@@ -126,6 +126,7 @@ def test_a_remote_gateway_builds_and_serves_without_the_model_libraries(tmp_path
             ((_, [(_, fields)]),) = read
             job = parse_job(fields)
             assert job.image == (PHOTOS / "cat_chelsea.jpg").read_bytes()  # as the client sent it
+            assert job.trace == ""  # no tracing configured: no context travels
             control.xadd(job.reply_to, {"result": encode_result(job.id, fake_cat(), "detector=sha256:d1")})
             out, err = gateway.communicate(timeout=60)
         finally:
