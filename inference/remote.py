@@ -9,12 +9,15 @@ Keys (one Redis database per deployment):
     imagetag:replies:{gateway}  stream per gateway process; workers add results, one task reads them
 
 A job entry has the fields `job` (uuid hex), `reply` (the reply stream's key), `deadline` (Unix
-epoch seconds: gateways and workers share no monotonic clock) and `image` (the image's bytes
+epoch seconds: gateways and workers share no monotonic clock), `image` (the image's bytes
 as the client sent them, header already checked: the worker decodes them, nothing is decoded and
-re-encoded on the way). A reply entry has one field, `result`, in JSON: `{"job": ..., "tags":
-[[key, confidence, [[confidence, x, y, width, height], ...]], ...]}` or `{"job": ..., "error":
-"model" | "undecodable" | "expired", "message": ...}`; never pickle, so a worker cannot run code
-in a gateway. A gateway that does not know an error kind takes it for "model". Workers ack and delete an answered job,
+re-encoded on the way) and `trace` (the request's W3C `traceparent` when tracing is on, else
+empty; older gateways send none). A reply entry has one field, `result`, in JSON: `{"job": ...,
+"tags": [[key, confidence, [[confidence, x, y, width, height], ...]], ...]}` or `{"job": ...,
+"error": "model" | "undecodable" | "expired", "message": ...}`, both with `"models"`: the digests
+of the worker's weights (`detector=sha256:HEX,...,classifier=sha256:HEX`), which the gateway
+names in its answer (older workers send none); never pickle, so a worker cannot run code in a
+gateway. A gateway that does not know an error kind takes it for "model". Workers ack and delete an answered job,
 so the jobs stream's length is what is queued or in progress. Replies go to a stream, not a
 list, because reading a stream takes nothing away: a read whose answer is lost to a timeout is
 simply read again, where a popped list item would be gone.
@@ -23,11 +26,12 @@ simply read again, where a popped list item would be gone.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -52,12 +56,12 @@ _ENQUEUE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 if redis.call('ZCOUNT', KEYS[2], now, '+inf') == 0 then return -1 end
-local jobs = (#ARGV - 2) / 4
+local jobs = (#ARGV - 2) / 5
 if redis.call('XLEN', KEYS[1]) + jobs > tonumber(ARGV[1]) then return -2 end
 for i = 0, jobs - 1 do
-  local a = 3 + i * 4
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
-             'job', ARGV[a], 'reply', ARGV[a + 1], 'deadline', ARGV[a + 2], 'image', ARGV[a + 3])
+  local a = 3 + i * 5
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'job', ARGV[a], 'reply', ARGV[a + 1],
+             'deadline', ARGV[a + 2], 'image', ARGV[a + 3], 'trace', ARGV[a + 4])
 end
 return jobs
 """
@@ -89,13 +93,20 @@ class Job:
     reply_to: str
     deadline: float  # Unix epoch seconds
     image: bytes
+    trace: str = ""  # W3C traceparent of the request, when it is traced
 
 
 def parse_job(fields: Mapping[bytes | str, bytes | str]) -> Job:
     """A stream entry's fields as a `Job`; ValueError when they are not one."""
     values = {as_text(k): v for k, v in fields.items()}
     try:
-        job = Job(as_text(values["job"]), as_text(values["reply"]), float(values["deadline"]), values["image"])
+        job = Job(
+            as_text(values["job"]),
+            as_text(values["reply"]),
+            float(values["deadline"]),
+            values["image"],
+            as_text(values.get("trace", b"")),
+        )
     except (KeyError, UnicodeDecodeError) as error:
         raise ValueError(f"not a job: {error!r}") from None
     if not isinstance(job.image, bytes):
@@ -103,8 +114,8 @@ def parse_job(fields: Mapping[bytes | str, bytes | str]) -> Job:
     return job
 
 
-def encode_result(job_id: str, result: TagResult | DeadlineExceeded) -> bytes:
-    reply: dict[str, object] = {"job": job_id}
+def encode_result(job_id: str, result: TagResult | DeadlineExceeded, models: str = "") -> bytes:
+    reply: dict[str, object] = {"job": job_id, "models": models}
     if isinstance(result, DeadlineExceeded):
         reply |= {"error": "expired", "message": str(result)}
     elif isinstance(result, ModelError):
@@ -120,7 +131,10 @@ def encode_result(job_id: str, result: TagResult | DeadlineExceeded) -> bytes:
 
 def decode_result(payload: bytes, vocabulary: Vocabulary) -> tuple[str, TagResult | DeadlineExceeded]:
     """Raises ValueError, KeyError or TypeError on a malformed reply."""
-    reply = json.loads(payload)
+    return decode_reply(json.loads(payload), vocabulary)
+
+
+def decode_reply(reply: dict, vocabulary: Vocabulary) -> tuple[str, TagResult | DeadlineExceeded]:
     job_id = str(reply["job"])
     error = reply.get("error")
     if error == "expired":
@@ -158,8 +172,12 @@ class RemoteInference:
         liveness_poll_s: float = 1.0,
         outage_grace_s: float = 2.0,
         vocabulary: Vocabulary | None = None,
+        trace_context: Callable[[], str] | None = None,
     ) -> None:
+        """`trace_context` gives the calling request's W3C traceparent ("" when not traced),
+        which each job carries to the worker."""
         self._client = client
+        self._trace_context = trace_context or (lambda: "")
         self._channels = channels
         self._queue_max = queue_max
         # A bound for the stream should a gateway ever skip the check; trimming drops jobs.
@@ -171,7 +189,11 @@ class RemoteInference:
         self._reply_key = channels.reply_key(uuid.uuid4().hex)
         self._enqueue = client.register_script(_ENQUEUE)
         self._live_workers = client.register_script(_LIVE_WORKERS)
-        self._waiting: dict[str, asyncio.Future[TagResult]] = {}
+        self._waiting: dict[str, asyncio.Future[tuple[TagResult, str]]] = {}
+        # The models that answered the request in hand, for its response's headers: set in the
+        # request's own context, so that concurrent requests each see theirs.
+        self._answered_by: contextvars.ContextVar[str] = contextvars.ContextVar(f"answered_by_{id(self)}", default="")
+        self.last_models = ""  # of the latest reply, for the build_info metric
         self._tasks: set[asyncio.Task[None]] = set()
         self._workers_seen_at: float | None = None  # monotonic time a live worker was last seen
         self._workers_alive = 0
@@ -185,6 +207,11 @@ class RemoteInference:
             and seen is not None
             and time.monotonic() - seen < 3 * self._liveness_poll_s
         )
+
+    @property
+    def answered_by(self) -> str:
+        """The weights' digests of the workers that answered this context's last `tag` call."""
+        return self._answered_by.get()
 
     @property
     def workers_alive(self) -> int:
@@ -215,7 +242,7 @@ class RemoteInference:
         try:
             async with asyncio.timeout_at(loop.time() + deadline - time.monotonic()) as budget:
                 await self._submit(list(jobs), images, deadline)
-                return list(await asyncio.gather(*futures))
+                answers = await asyncio.gather(*futures)
         except TimeoutError:
             if budget.expired():
                 raise DeadlineExceeded("the deadline passed before the workers answered") from None
@@ -226,6 +253,8 @@ class RemoteInference:
                 if future.done() and not future.cancelled():
                     future.exception()  # retrieved, so asyncio does not log it as forgotten
                 future.cancel()
+        self._answered_by.set(";".join(dict.fromkeys(models for _, models in answers if models)))
+        return [result for result, _ in answers]
 
     async def close(self) -> None:
         self._closed = True
@@ -244,8 +273,9 @@ class RemoteInference:
     async def _submit(self, job_ids: list[str], images: list[bytes], deadline: float) -> None:
         epoch_deadline = repr(time.time() + deadline - time.monotonic())
         args: list[str | int | bytes] = [self._queue_max, self._stream_max]
+        trace = self._trace_context()
         for job_id, image in zip(job_ids, images):
-            args += [job_id, self._reply_key, epoch_deadline, image]
+            args += [job_id, self._reply_key, epoch_deadline, image, trace]
         try:
             outcome = await self._enqueue(keys=[self._channels.stream, self._channels.workers], args=args)
         except RedisError as error:
@@ -285,8 +315,10 @@ class RemoteInference:
     def _deliver(self, payload: bytes) -> None:
         assert self._vocabulary is not None
         try:
-            job_id, result = decode_result(payload, self._vocabulary)
-        except (ValueError, KeyError, TypeError):
+            reply = json.loads(payload)
+            job_id, result = decode_reply(reply, self._vocabulary)
+            models = str(reply.get("models") or "")
+        except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("dropped a malformed inference result: %.200r", payload)
             return
         # Popped on first delivery: a duplicate (a job served twice after a worker stalled) or
@@ -297,7 +329,8 @@ class RemoteInference:
         if isinstance(result, DeadlineExceeded):
             future.set_exception(result)
         else:
-            future.set_result(result)
+            self.last_models = models or self.last_models
+            future.set_result((result, models))
 
     async def _watch_workers(self) -> None:
         while not self._closed:

@@ -71,6 +71,13 @@ class WorkerObserver(Protocol):
     def up(self, serving: bool) -> None: ...
 
 
+class JobTracer(Protocol):
+    """Records a finished span under a job's traceparent; `service.tracing` has the OTLP one."""
+
+    def record(self, parent: str, name: str, start_s: float, end_s: float, attributes: dict[str, object]) -> None:
+        """Times are Unix epoch seconds."""
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     channels: Channels = Channels()
@@ -79,6 +86,7 @@ class WorkerConfig:
     heartbeat_s: float = 2.0
     visibility_timeout_s: float = 15.0
     reply_ttl_s: float = 60.0  # beyond the job's deadline; a dead gateway's reply stream then expires
+    models: str = ""  # the weights' digests, sent back with every result
 
 
 def consumer_name() -> str:
@@ -93,8 +101,11 @@ class Worker:
         build_engine: Callable[[], ImageTagger],
         config: WorkerConfig = WorkerConfig(),
         observer: WorkerObserver | None = None,
+        tracer: JobTracer | None = None,
     ) -> None:
         self.name = consumer_name()
+        self.models = config.models
+        self._tracer = tracer
         self._client = client
         self._build_engine = build_engine
         self._config = config
@@ -227,6 +238,7 @@ class Worker:
             results = await loop.run_in_executor(self._executor, _predict, engine, [job.image for job in live])
             model_s = time.monotonic() - started
             replies += zip(live, results)
+            self._trace(live, waits, now, model_s)
         queued = await self._answer(replies, [entry_id for entry_id, _ in entries])
         for outcome, count in _outcomes(replies, invalid).items():
             self._notify(lambda observer: observer.jobs(outcome, count))
@@ -242,7 +254,8 @@ class Worker:
         # and a result sent twice is harmless. Results first: an ack must never outrun its result.
         pipe = self._client.pipeline(transaction=False)
         for job, result in replies:
-            pipe.xadd(job.reply_to, {"result": encode_result(job.id, result)}, maxlen=_REPLIES_MAX, approximate=True)
+            reply = {"result": encode_result(job.id, result, self._config.models)}
+            pipe.xadd(job.reply_to, reply, maxlen=_REPLIES_MAX, approximate=True)
             ttl = math.ceil(max(0.0, job.deadline - time.time()) + self._config.reply_ttl_s)
             pipe.expire(job.reply_to, ttl)
         pipe.xack(channels.stream, channels.group, *entry_ids)
@@ -281,6 +294,22 @@ class Worker:
             await asyncio.wait_for(self._stopping.wait(), seconds)
         except TimeoutError:
             pass
+
+    def _trace(self, jobs: list[Job], waits: list[float], taken_at: float, model_s: float) -> None:
+        """Each traced job's time in the queue and in the models, as spans under its request."""
+        if self._tracer is None:
+            return
+        for job, wait in zip(jobs, waits):
+            if not job.trace:
+                continue
+            try:
+                self._tracer.record(job.trace, "imagetag.queue", taken_at - wait, taken_at, {"imagetag.job": job.id})
+                self._tracer.record(
+                    job.trace, "imagetag.worker.predict", taken_at, taken_at + model_s,
+                    {"imagetag.job": job.id, "imagetag.batch_size": len(jobs), "imagetag.worker": self.name},
+                )
+            except Exception:
+                log.exception("recording a job's trace failed")
 
     def _notify(self, report: Callable[[WorkerObserver], None]) -> None:
         """Calls the observer, if any; a failing metrics exporter must not stop the worker."""

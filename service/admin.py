@@ -21,49 +21,57 @@ Action = Callable[[IdentityStore, argparse.Namespace, Settings], Awaitable[int]]
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    admin = commands.add_parser("admin", help="manage accounts, users, projects and access keys")
+    admin = commands.add_parser(
+        "admin", help="manage accounts, users, projects and access keys",
+        description="Manage identities in the configured store: the embedded SQLite file under "
+        "IMAGETAG_DATA_DIR, or Redis when IMAGETAG_REDIS_URL is set (then with IMAGETAG_MASTER_KEY).",
+    )
     nouns = admin.add_subparsers(required=True, metavar="WHAT")
 
     def action(parent, name: str, run: Action, help: str, *arguments: tuple[tuple, dict]):
-        parser = parent.add_parser(name, help=help)
+        parser = parent.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
         for args, kwargs in arguments:
             parser.add_argument(*args, **kwargs)
         parser.set_defaults(run=lambda a, s: _run(run, a, s))
 
     domain = (("--domain",), {"required": True, "help": "account (domain) name"})
     user = (("--user",), {"required": True, "help": "user name"})
+    ak = (("ak",), {"help": "the access key's id (AK)"})
 
     accounts = nouns.add_parser("accounts", help="accounts (domains)").add_subparsers(required=True, metavar="ACTION")
-    action(accounts, "create", _create_account, "create an account", (("name",), {}))
+    action(accounts, "create", _create_account, "create an account", (("name",), {"help": "the account's name"}))
     action(accounts, "list", _list_accounts, "list accounts")
 
     users = nouns.add_parser("users", help="users of an account").add_subparsers(required=True, metavar="ACTION")
     action(users, "create", _create_user, "create a user (asks for the password, or generates one)",
-           (("name",), {}), domain, (("--password",), {"help": "use this password instead of asking"}))
+           (("name",), {"help": "the user's name"}), domain,
+           (("--password",), {"help": "use this password instead of asking (default: ask, or generate one "
+                                      "when not on a terminal)"}))
     action(users, "list", _list_users, "list an account's users", domain)
 
     projects = nouns.add_parser("projects", help="projects of an account").add_subparsers(required=True, metavar="ACTION")
     action(projects, "create", _create_project, "create a project (named after a region, e.g. cn-north-4)",
-           (("name",), {}), domain)
+           (("name",), {"help": "the project's name, a region"}), domain)
     action(projects, "list", _list_projects, "list an account's projects", domain)
     action(projects, "set-rate-limit", _set_rate_limit, "override the project's rate limit (omit both to reset)",
-           (("project_id",), {}), (("--rate",), {"type": float, "help": "requests per second"}),
-           (("--burst",), {"type": int}))
+           (("project_id",), {"help": "the project's id (`imagetag admin projects list`)"}),
+           (("--rate",), {"type": float, "help": "requests per second (default: IMAGETAG_RATE_LIMIT_PER_S)"}),
+           (("--burst",), {"type": int, "help": "bucket size (default: IMAGETAG_RATE_LIMIT_BURST)"}))
 
     keys = nouns.add_parser("keys", help="access keys (AK/SK)").add_subparsers(required=True, metavar="ACTION")
     action(keys, "create", _create_key, "issue an AK/SK; the SK is printed once", domain, user,
-           (("--description",), {"default": ""}))
+           (("--description",), {"default": "", "help": "a note kept with the key (default: none)"}))
     action(keys, "list", _list_keys, "list a user's access keys", domain, user)
-    action(keys, "disable", _set_key(False), "disable an access key", (("ak",), {}))
-    action(keys, "enable", _set_key(True), "enable an access key again", (("ak",), {}))
-    action(keys, "delete", _delete_key, "delete an access key", (("ak",), {}))
+    action(keys, "disable", _set_key(False), "disable an access key", ak)
+    action(keys, "enable", _set_key(True), "enable an access key again", ak)
+    action(keys, "delete", _delete_key, "delete an access key", ak)
 
     tokens = nouns.add_parser("tokens", help="IAM tokens").add_subparsers(required=True, metavar="ACTION")
-    action(tokens, "revoke", _revoke_token, "revoke a token (every gateway refuses it at once)", (("token",), {}))
+    action(tokens, "revoke", _revoke_token, "revoke a token (every gateway refuses it at once)", (("token",), {"help": "the token, as sent in X-Auth-Token"}))
 
     action(nouns, "dev-credentials", _dev_credentials,
            "create (or reuse) a development account, user, password, project and AK/SK",
-           (("--json",), {"action": "store_true", "help": "one JSON object"}))
+           (("--json",), {"action": "store_true", "help": "one JSON object (default: lines of text)"}))
 
 
 def _run(action: Action, args: argparse.Namespace, settings: Settings) -> int:

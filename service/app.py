@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inference.tasks import log_task_failure
 from service.assembly import Components
+from service.build import MODELS_HEADER, VERSION_HEADER, version
 from service.errors import InternalError, Overloaded, RouteNotFound, ServiceError, error_body, status_and_code
 from service.metrics import ERROR_CODE_STATE, RequestMetricsMiddleware
 from service.metrics import router as metrics_router
@@ -27,6 +29,9 @@ from service.routes import demo, docs, health, iam, tagging
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-Id"
+# An incoming id is kept (a proxy's or the client's, to follow one request through every log)
+# only when it cannot smuggle anything into a header or a log line.
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def create_app(
@@ -49,16 +54,21 @@ def create_app(
         loading = asyncio.create_task(inference.start())
         loading.add_done_callback(log_task_failure("loading the models"))
         loading.add_done_callback(loaded)
+        # The weights' digests for the X-Imagetag-Models header: hashed once, off the event loop,
+        # rather than by the first request.
+        digests = asyncio.create_task(asyncio.to_thread(components.models))
+        digests.add_done_callback(log_task_failure("hashing the weights"))
         try:
             yield
         finally:
             loading.cancel()
+            digests.cancel()
             await components.close()
 
     app = FastAPI(
         title="imagetag",
         summary="Self-hosted, drop-in image tagging API",
-        version="0.1.0",
+        version=version(),
         lifespan=lifespan,
         docs_url=None,  # served by routes.docs, without a CDN
         redoc_url=None,
@@ -82,8 +92,9 @@ def create_app(
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(RedisError, _redis_error)
-    app.add_middleware(RequestIdMiddleware)
-    app.add_middleware(RequestMetricsMiddleware, metrics=components.metrics)  # outermost: sees RequestId's 500s
+    app.add_middleware(RequestIdMiddleware, models=components.models)
+    # Outermost: sees RequestId's 500s.
+    app.add_middleware(RequestMetricsMiddleware, metrics=components.metrics, tracing=components.tracing)
     return app
 
 
@@ -119,17 +130,21 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 
 
 class RequestIdMiddleware:
-    """Tags every response with an `X-Request-Id`, and turns any escaped exception into the
-    contract's AIS.0506 envelope (Starlette's own fallback would answer in plain text)."""
+    """Tags every response with an `X-Request-Id` (the client's when well-formed), the version and
+    the digests of the weights that answered (`models`, read as the response starts), and turns
+    any escaped exception into the contract's AIS.0506 envelope (Starlette's own fallback would
+    answer in plain text)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, models: Callable[[], str]) -> None:
         self.app = app
+        self.models = models
+        self.version = version().encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = uuid.uuid4().hex
+        request_id = _client_request_id(scope) or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         started = False
 
@@ -137,10 +152,11 @@ class RequestIdMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (REQUEST_ID_HEADER.lower().encode(), request_id.encode()),
-                ]
+                headers = [(REQUEST_ID_HEADER.lower().encode(), request_id.encode()),
+                           (VERSION_HEADER.lower().encode(), self.version)]
+                if models := self.models():
+                    headers.append((MODELS_HEADER.lower().encode(), models.encode()))
+                message["headers"] = [*message.get("headers", []), *headers]
             await send(message)
 
         try:
@@ -151,3 +167,11 @@ class RequestIdMiddleware:
                 raise
             response = error_response(InternalError(f"internal error; request id {request_id}"), scope)
             await response(scope, receive, send_with_id)
+
+
+def _client_request_id(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            return text if _CLIENT_REQUEST_ID.fullmatch(text) else None
+    return None

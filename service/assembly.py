@@ -9,6 +9,7 @@ wires them into FastAPI; the CLI only parses arguments into Settings.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,14 +21,16 @@ from redis.asyncio import Redis
 from inference.client import FailureCounter, ImageTagger, InferenceClient
 from service.auth.authenticator import Authenticator
 from service.backends import Backends, build_backends
+from service.build import version, weights_digests
 from service.gate import Gate, Limits
 from service.iam import IamService
 from service.metrics import Metrics
 from service.settings import ConfigurationError, Settings
 from service.tagging import TaggingLimits, TaggingService
+from service.tracing import Tracing, build_tracing
 
 if TYPE_CHECKING:
-    from inference.worker import Worker, WorkerObserver
+    from inference.worker import JobTracer, Worker, WorkerObserver
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +49,14 @@ class Components:
     tagging: TaggingService
     authenticator: Authenticator | None  # None with IMAGETAG_AUTH_MODE=none
     iam: IamService | None
+    tracing: Tracing
+    models: Callable[[], str]
+    """The digests of the weights that answered the request in hand (service.build)."""
 
     async def close(self) -> None:
         await self.inference.close()
         await self.backends.close()
+        self.tracing.close()
 
 
 def build_components(
@@ -67,9 +74,16 @@ def build_components(
         )
     backends = build_backends(settings)
     metrics = Metrics(settings.latency_buckets_s)
+    tracing = build_tracing(settings, "imagetag-gateway")
     if inference is None:
-        inference = build_inference(settings, backends.redis, metrics, build_engine)
+        inference = build_inference(settings, backends.redis, metrics, build_engine, tracing.traceparent)
     metrics.watch(inference)
+    if settings.inference == "remote":  # the workers' weights, as their replies name them
+        models = lambda: getattr(inference, "answered_by", "")  # noqa: E731
+        metrics.describe_build(version(), lambda: getattr(inference, "last_models", ""))
+    else:
+        models = functools.cache(functools.partial(weights_digests, settings))
+        metrics.describe_build(version(), models)
     gate = Gate(
         backends.limiter,
         Limits(
@@ -97,6 +111,8 @@ def build_components(
         if iam_enabled
         else None,
         iam=IamService(backends.store, gate, timedelta(seconds=settings.token_ttl_s)) if iam_enabled else None,
+        tracing=tracing,
+        models=models,
     )
 
 
@@ -113,14 +129,21 @@ def build_inference(
     redis: Redis | None,
     metrics: Metrics | None = None,
     build_engine: EngineFactory | None = None,
+    trace_context: Callable[[], str] | None = None,
 ) -> InferenceClient:
-    """The configured inference client: models in this process, or workers through Redis."""
+    """The configured inference client: models in this process, or workers through Redis (each
+    job carrying `trace_context()`, the request's traceparent)."""
     if settings.inference == "remote":
         if redis is None:
             raise ConfigurationError("IMAGETAG_INFERENCE=remote needs IMAGETAG_REDIS_URL")
         from inference.remote import RemoteInference
 
-        remote = RemoteInference(redis, queue_max=settings.queue_max, default_timeout_s=settings.request_timeout_s)
+        remote = RemoteInference(
+            redis,
+            queue_max=settings.queue_max,
+            default_timeout_s=settings.request_timeout_s,
+            trace_context=trace_context,
+        )
         if metrics is not None:
             metrics.count_workers(lambda: remote.workers_alive)
         return remote
@@ -163,6 +186,7 @@ def build_worker(
     redis: Redis,
     observer: WorkerObserver | None = None,
     failed_batches: FailureCounter | None = None,
+    tracer: JobTracer | None = None,
 ) -> Worker:
     from inference.worker import Worker, WorkerConfig
 
@@ -171,5 +195,6 @@ def build_worker(
         max_wait_s=settings.batch_max_wait_s,
         heartbeat_s=settings.worker_heartbeat_s,
         visibility_timeout_s=settings.job_visibility_timeout_s,
+        models=weights_digests(settings),
     )
-    return Worker(redis, engine_factory(settings, failed_batches), config, observer)
+    return Worker(redis, engine_factory(settings, failed_batches), config, observer, tracer)

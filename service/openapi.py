@@ -108,7 +108,20 @@ _TAGGING_ERRORS: frozenset[type[ServiceError]] = frozenset(
 
 _STRING = {"schema": {"type": "string"}}
 _INTEGER = {"schema": {"type": "integer"}}
-REQUEST_ID_HEADER = {"X-Request-Id": {"description": "This request's id, for the logs", **_STRING}}
+REQUEST_ID_HEADER = {
+    "X-Request-Id": {
+        "description": "This request's id, for the logs: the client's own X-Request-Id when it is 1 to 64 "
+        "characters of A-Za-z0-9._-, else a fresh one",
+        **_STRING,
+    },
+    "X-Imagetag-Version": {"description": "The version of the service that answered", **_STRING},
+    "X-Imagetag-Models": {
+        "description": "The sha256 digests of the model weights that answer "
+        "(detector=sha256:HEX,...,classifier=sha256:HEX); with remote workers, those of the worker "
+        "that served the request, and absent where none did",
+        **_STRING,
+    },
+}
 RATE_LIMIT_HEADERS = {
     "X-RateLimit-Limit": {"description": "Requests allowed in a burst", **_INTEGER},
     "X-RateLimit-Remaining": {"description": "Requests left in the current burst", **_INTEGER},

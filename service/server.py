@@ -38,6 +38,10 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "ssl_certfile": settings.tls_certfile,
         "ssl_keyfile": settings.tls_keyfile,
         "log_level": settings.log_level,
+        # uvicorn's loggers propagate to the root handler (JSON or text, service.logs), and its
+        # access line gives way to the gateway's own, which knows the project and error code.
+        "log_config": None,
+        "access_log": False,
         "http": partial(BoundedConnection, settings=settings),
         "ws": "none",  # the API has no WebSocket routes: an Upgrade header is ignored
         # uvicorn would believe X-Forwarded-For from loopback; the gateway reads it itself, and

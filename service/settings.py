@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.networks import IPNetwork, parse_networks
@@ -31,6 +31,15 @@ class Settings(BaseSettings):
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="json: one object per line; text: for people; auto: text when stderr is a terminal"
+    )
+    otel_endpoint: str | None = Field(
+        None,
+        validation_alias=AliasChoices("IMAGETAG_OTEL_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        description="OTLP/HTTP endpoint for traces (http://collector:4318); unset: the standard "
+        "OTEL_EXPORTER_OTLP_ENDPOINT, and with neither, no tracing at all",
+    )
     gateway_processes: int = Field(
         1,
         ge=1,

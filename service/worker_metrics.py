@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 
 from inference.batching import BatchStats
 from inference.worker import OUTCOMES
+from service.build import BuildInfo
 from service.settings import ConfigurationError
 
 _BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -59,6 +60,10 @@ class WorkerMetrics:
         self.models_loaded = False
         self._serving = False
         self._failed = False
+
+    def describe_build(self, version: str, models: str) -> None:
+        """`imagetag_build_info`: the version, and the digests of this worker's weights."""
+        self.registry.register(BuildInfo(version, lambda: models))
 
     def loaded(self) -> None:
         self.models_loaded = True

@@ -298,12 +298,14 @@ def test_worker_settings(renderings, monkeypatch) -> None:
 
 
 def test_config_values_reach_settings(monkeypatch) -> None:
-    config = {"log_level": "debug", "rate_limit_per_s": 2.5, "rate_limit_burst": 7, "rate_limit_fail_open": True,
+    config = {"log_level": "debug", "log_format": "text", "otel_endpoint": "http://collector:4318",
+              "rate_limit_per_s": 2.5, "rate_limit_burst": 7, "rate_limit_fail_open": True,
               "trusted_proxies": ["10.0.0.0/8", "192.168.0.0/16"], "latency_buckets_s": [0.5, 0.1, 1],
               "max_body_bytes": 20971520, "torch_threads": 3, "url_allowed_networks": "127.0.0.1/32"}
     rendering = render({"config": config, "gateway": {"config": {"rate_limit_burst": 9}}})
     settings = settings_from(resolved_env(main_container(deployment(rendering, "gateway"))), monkeypatch)
     assert settings.log_level == "debug" and settings.rate_limit_per_s == 2.5 and settings.rate_limit_fail_open
+    assert settings.log_format == "text" and settings.otel_endpoint == "http://collector:4318"
     assert settings.rate_limit_burst == 9  # the gateway's own config wins
     assert settings.trusted_proxies == ["10.0.0.0/8", "192.168.0.0/16"]
     assert settings.latency_buckets_s == [0.1, 0.5, 1.0]
@@ -317,7 +319,7 @@ def test_config_schema_matches_settings() -> None:
     schema = json.loads(SCHEMA_PATH.read_text())
     config = schema["$defs"]["config"]
     assert config["additionalProperties"] is False
-    settings = Settings.model_json_schema()["properties"]
+    settings = Settings.model_json_schema(by_alias=False)["properties"]  # by field name, as `config` is
     assert CHART_MANAGED <= set(settings)
     for field, prop in config["properties"].items():
         assert field in settings, f"config.{field} is not a Settings field"

