@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request, Response
 
 from service.deps import Admitted, Caller, RequestBody
+from service.logs import IMAGES_STATE
 from service.protocol.common import ErrorBody
 from service.protocol.tagging import BatchTaggingRequest, BatchTaggingResponse, TaggingRequest, TaggingResponse
 from service.tagging import TaggingService
@@ -35,6 +36,7 @@ async def batch_request(
     # As above; the call's first token is taken before the parse, one more per image after it.
     images = several_images(body, request.headers.get("content-type", ""))
     response.headers.update(await admission.count_images(len(images.sources)))
+    setattr(request.state, IMAGES_STATE, len(images.sources))  # for the access log
     return images
 
 

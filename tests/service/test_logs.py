@@ -51,6 +51,8 @@ def test_one_json_line_per_request_with_its_id_and_never_a_secret(tmp_path):
         refused = requests.post(server.url("/v2.0/image/tagging"), json={"image": image, "limit": 0},
                                 headers={"X-Auth-Token": token, "X-Request-Id": "x" * 65}, timeout=60)
         unknown = requests.get(server.url("/nowhere"), headers={"X-Request-Id": "bad id"}, timeout=10)
+        batch = requests.post(server.url("/v2.0/image/tagging/batch"), json={"images": [{"image": image}] * 3},
+                              headers={"X-Auth-Token": token, "X-Request-Id": "batch-of-3"}, timeout=120)
         metrics = requests.get(server.url("/metrics"), timeout=10).text
         time.sleep(0.5)  # the log is written as the response goes
     finally:
@@ -70,6 +72,8 @@ def test_one_json_line_per_request_with_its_id_and_never_a_secret(tmp_path):
     failed = lines[refused.headers["X-Request-Id"]]
     assert (failed["status"], failed["error_code"], failed["project"]) == (400, "AIS.0501", credentials["project_id"])
     assert lines[unknown.headers["X-Request-Id"]]["route"] == "unmatched"
+    assert batch.status_code == 200, batch.text
+    assert (lines["batch-of-3"]["route"], lines["batch-of-3"]["images"]) == ("/v2.0/image/tagging/batch", 3)
     login_line = lines[logged_in.headers["X-Request-Id"]]
     assert (login_line["route"], login_line["status"]) == ("/v3/auth/tokens", 201)
 
