@@ -46,7 +46,8 @@ def configure_logging(
         log_format = "text" if stream.isatty() else "json"
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(_TEXT))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # Not forced: where logging is set up already (a host process, pytest), it stays as it is.
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def log_request(fields: dict[str, object]) -> None:
