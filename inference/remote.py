@@ -13,7 +13,7 @@ epoch seconds: gateways and workers share no monotonic clock) and `image` (the i
 as the client sent them, header already checked: the worker decodes them, nothing is decoded and
 re-encoded on the way). A reply entry has one field, `result`, in JSON: `{"job": ..., "tags":
 [[key, confidence, [[confidence, x, y, width, height], ...]], ...]}` or `{"job": ..., "error":
-"model" | "undecodable" | "expired", "message": ...}`; never pickle, so a worker cannot run code
+"model" | "undecodable" | "too_large" | "expired", "message": ...}`; never pickle, so a worker cannot run code
 in a gateway. A gateway that does not know an error kind takes it for "model". Workers ack and delete an answered job,
 so the jobs stream's length is what is queued or in progress. Replies go to a stream, not a
 list, because reading a stream takes nothing away: a read whose answer is lost to a timeout is
@@ -40,7 +40,7 @@ from inference.client import (
     QueueFull,
     admission_deadline,
 )
-from inference.results import Instance, ModelError, ScoredTag, TagResult, UndecodableImage
+from inference.results import ImageTooLarge, Instance, ModelError, ScoredTag, TagResult, UndecodableImage
 from inference.tasks import as_text, log_task_failure
 from inference.vocabulary import Vocabulary
 
@@ -66,6 +66,8 @@ local t = redis.call('TIME')
 return redis.call('ZCOUNT', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1000000, '+inf')
 """
 _NO_WORKERS, _FULL = -1, -2
+_ERROR_KINDS: dict[type[ModelError], str] = {UndecodableImage: "undecodable", ImageTooLarge: "too_large"}
+_KIND_ERRORS = {kind: error for error, kind in _ERROR_KINDS.items()}
 
 
 class NoWorkers(InferenceUnavailable):
@@ -108,7 +110,7 @@ def encode_result(job_id: str, result: TagResult | DeadlineExceeded) -> bytes:
     if isinstance(result, DeadlineExceeded):
         reply |= {"error": "expired", "message": str(result)}
     elif isinstance(result, ModelError):
-        kind = "undecodable" if isinstance(result, UndecodableImage) else "model"
+        kind = _ERROR_KINDS.get(type(result), "model")
         reply |= {"error": kind, "message": str(result)}
     else:
         reply["tags"] = [
@@ -125,8 +127,8 @@ def decode_result(payload: bytes, vocabulary: Vocabulary) -> tuple[str, TagResul
     error = reply.get("error")
     if error == "expired":
         return job_id, DeadlineExceeded(reply.get("message") or "the deadline passed before a worker took the job")
-    if error == "undecodable":
-        return job_id, UndecodableImage(reply.get("message") or "the image cannot be decoded")
+    if error in _KIND_ERRORS:
+        return job_id, _KIND_ERRORS[error](reply.get("message") or "the image cannot be decoded")
     if error is not None:
         return job_id, ModelError(reply.get("message") or "the model failed to process this image")
     tags = []

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from redis.asyncio import Redis
 
 from inference.client import FailureCounter, ImageTagger, InferenceClient
+from inference.image_header import ModelInput
 from service.auth.authenticator import Authenticator
 from service.backends import Backends, build_backends
 from service.gate import Gate, Limits
@@ -132,6 +133,8 @@ def build_inference(
         max_queue=settings.queue_max,
         default_timeout_s=settings.request_timeout_s,
         replicas=settings.model_replicas,
+        pixel_budget=settings.pixel_budget,
+        model_input=ModelInput(longest=settings.detector_image_size),
     )
     return BatchingInference(
         build_engine or engine_factory(settings, metrics.failed_batches if metrics is not None else None),

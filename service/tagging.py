@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from inference.client import InferenceClient, InferenceUnavailable
-from inference.results import ModelError, ScoredTag, UndecodableImage
-from service.errors import CorruptImage, ModelFailed, Overloaded
+from inference.results import ImageTooLarge, ModelError, ScoredTag, UndecodableImage
+from service.errors import CorruptImage, ImageSizeInvalid, ModelFailed, Overloaded
 from service.images import ImageRules, check_image, decode_base64
 from service.protocol.tagging import (
     BoundingBox,
@@ -85,6 +85,8 @@ class TaggingService:
             (result,) = await self.inference.tag([data])
         except InferenceUnavailable as error:
             raise Overloaded(f"the service is overloaded ({error}); retry shortly", headers={"Retry-After": "1"}) from None
+        if isinstance(result, ImageTooLarge):
+            raise ImageSizeInvalid(str(result))
         if isinstance(result, UndecodableImage):
             raise CorruptImage(str(result))
         if isinstance(result, ModelError):
