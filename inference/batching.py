@@ -208,6 +208,7 @@ class BatchingInference:
                 future.set_exception(InferenceClosed("the inference client closed first"))
         for executor in self._executors:
             executor.shutdown(wait=False, cancel_futures=True)
+        self._trimmer.close()
 
     async def _batch_loop(self) -> None:
         config = self._config

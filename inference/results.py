@@ -66,6 +66,6 @@ class ImageTooLarge(UndecodableImage):
     @classmethod
     def over(cls, pixels: int, budget: int) -> ImageTooLarge:
         return cls(
-            f"decoding this image takes {pixels / 1e6:.1f} megapixels, more than the service's "
-            f"{budget / 1e6:g}-megapixel budget; send it smaller or as a JPEG"
+            f"decoding this image takes {pixels / 1e6:.3g} megapixels, more than the service's "
+            f"{budget / 1e6:.3g}-megapixel budget; send it smaller or as a JPEG"
         )

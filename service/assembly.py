@@ -174,5 +174,7 @@ def build_worker(
         max_wait_s=settings.batch_max_wait_s,
         heartbeat_s=settings.worker_heartbeat_s,
         visibility_timeout_s=settings.job_visibility_timeout_s,
+        pixel_budget=settings.pixel_budget,
+        model_input=ModelInput(longest=settings.detector_image_size),
     )
     return Worker(redis, engine_factory(settings, failed_batches), config, observer)
