@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -62,7 +62,7 @@ def _admit(job: Job, batch: list[Job], now: float) -> None:
 
 
 def take_ready(
-    queue: asyncio.Queue[Job], batch: list[Job], max_batch_size: int, clock: Clock, held: list[Job] = ()
+    queue: asyncio.Queue[Job], batch: list[Job], max_batch_size: int, clock: Clock, held: Sequence[Job] = ()
 ) -> None:
     """Adds the live ones of `held`, then jobs already queued, to `batch`, without waiting, up to
     `max_batch_size`."""
@@ -77,7 +77,7 @@ async def collate(
     max_batch_size: int,
     max_wait_s: float,
     clock: Clock = time.monotonic,
-    held: list[Job] = (),
+    held: Sequence[Job] = (),
 ) -> list[Job]:
     """Waits for a live job, then gathers more until `max_batch_size` or `max_wait_s` after it.
     `held`: jobs taken off the queue earlier, which go first.

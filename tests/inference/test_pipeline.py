@@ -7,6 +7,7 @@ ultralytics.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 
@@ -183,6 +184,8 @@ def test_a_large_photo_decoded_reduced_gives_the_photos_tags_and_boxes_in_its_ow
     boxes = {tag.tag.key: tag.instances for tag in small}
     for tag in large:
         for instance in tag.instances:
-            halved = type(instance)(instance.confidence, instance.x / 2, instance.y / 2, instance.width / 2, instance.height / 2)
+            halved = dataclasses.replace(
+                instance, x=instance.x / 2, y=instance.y / 2, width=instance.width / 2, height=instance.height / 2
+            )
             assert any(_same_place(halved, other, placed) for other in boxes[tag.tag.key]), (tag.tag.key, instance)
     assert sum(len(tag.instances) for tag in large) == sum(len(tag.instances) for tag in small) > 0
