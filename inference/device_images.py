@@ -101,7 +101,7 @@ def decode_for_models(
         for i, image in zip(on_device, pixels):
             if image is not None:
                 decoded[i] = orient(reduce_pixels(image, factors[i]), headers[i].orientation)
-        del encoded, pixels
+        del encoded, pixels  # the whole-size pixels go before the CPU's decodes add theirs
     for i, image in enumerate(decoded):
         if image is None:
             decoded[i] = _decode_on_cpu(datas[i], device, factors[i])
