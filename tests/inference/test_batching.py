@@ -4,16 +4,20 @@ for the timing mechanics and the real models for correctness."""
 from __future__ import annotations
 
 import asyncio
+import io
 import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
 
 import pytest
+from PIL import Image
+
 from inference.batching import BatchingConfig, BatchingInference, BatchStats, Job, collate
 from inference.client import DeadlineExceeded, InferenceClosed, QueueFull
 from inference.pipeline import DevicePipeline
-from inference.results import ModelError, UndecodableImage
+from inference.image_header import read_header
+from inference.results import ImageTooLarge, ModelError, UndecodableImage
 from tests.conftest import PHOTOS
 
 
@@ -403,10 +407,6 @@ def test_replicas_serve_batches_side_by_side():
 
 def png(width: int, height: int) -> bytes:
     """A real PNG header (and pixels): a PNG costs its whole size against the pixel budget."""
-    import io
-
-    from PIL import Image
-
     encoded = io.BytesIO()
     Image.new("RGB", (width, height), (90, 140, 200)).save(encoded, "PNG")
     return encoded.getvalue()
@@ -422,8 +422,6 @@ class PixelEngine:
         self.batches: list[int] = []
 
     def predict(self, images: list[bytes]) -> list:
-        from inference.image_header import read_header
-
         pixels = sum(read_header(data).width * read_header(data).height for data in images)
         with self.lock:
             self.now += pixels
@@ -450,8 +448,6 @@ def test_batches_in_the_models_never_hold_more_pixels_than_the_budget():
 
 
 def test_an_image_larger_than_the_whole_budget_is_refused_alone_and_at_once():
-    from inference.results import ImageTooLarge
-
     engine = PixelEngine()
     config = BatchingConfig(pixel_budget=25_000)
 
@@ -466,9 +462,6 @@ def test_an_image_larger_than_the_whole_budget_is_refused_alone_and_at_once():
 
 
 def test_a_large_jpeg_costs_the_pixels_it_is_decoded_at():
-    from PIL import Image
-
-    import io
 
     encoded = io.BytesIO()
     Image.new("RGB", (4096, 4096), (90, 140, 200)).save(encoded, "JPEG")
@@ -478,8 +471,8 @@ def test_a_large_jpeg_costs_the_pixels_it_is_decoded_at():
 
     async def body(client: BatchingInference) -> None:
         assert await client.tag([encoded.getvalue()]) == [["tagged"]]
-        (refused,) = await client.tag([png(1025, 1024)])
-        assert isinstance(refused, UndecodableImage)
+        (refused,) = await client.tag([png(1025, 1024)])  # a PNG is decoded whole
+        assert isinstance(refused, ImageTooLarge)
 
     run(lambda: engine, config, body)
 

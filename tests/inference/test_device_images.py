@@ -9,13 +9,25 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from inference.device_images import LETTERBOX_GREY, decode_images, letterbox_into, orient
+from inference.classifier import CROP_PADDING, INPUT_SIZE
+from inference.device_images import (
+    LETTERBOX_GREY,
+    decode_for_models,
+    decode_images,
+    letterbox_into,
+    orient,
+    reduce_pixels,
+)
 from inference.image_header import (
+    ImageHeader,
     ImageOutOfBounds,
+    ModelInput,
     UnreadableImage,
     check_side_limits,
+    decode_cost,
     decode_with_pil,
     read_header,
+    reduction,
 )
 from inference.pipeline import bucket_for, bucket_sizes
 from tests.conftest import PHOTOS, REPO
@@ -166,9 +178,6 @@ def test_buckets_are_powers_of_two_up_to_the_largest():
     ],
 )
 def test_an_image_is_reduced_only_as_far_as_the_models_still_use_every_pixel(size, factor):
-    from inference.classifier import CROP_PADDING, INPUT_SIZE
-    from inference.image_header import ImageHeader, ModelInput, decode_cost, reduction
-
     needs = ModelInput()
     assert needs.shortest == INPUT_SIZE + CROP_PADDING
     for width, height in (size, size[::-1]):
@@ -184,9 +193,6 @@ def large(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 def test_a_large_jpeg_is_decoded_at_the_reduced_size_on_a_cpu(cat):
-    from inference.device_images import decode_for_models
-    from inference.image_header import ModelInput
-
     exif = Image.Exif()
     exif[0x0112] = 6  # stored 2706x1800, upright 1800x2706
     data = encoded(large(cat, (2706, 1800)), "JPEG", quality=95, exif=exif)
@@ -201,9 +207,6 @@ def test_a_large_jpeg_is_decoded_at_the_reduced_size_on_a_cpu(cat):
 
 
 def test_other_formats_are_reduced_after_decoding_as_pil_does(cat):
-    from inference.device_images import decode_for_models
-    from inference.image_header import ModelInput
-
     rgba = large(cat, (2600, 1730)).convert("RGBA")
     rgba.putalpha(200)
     data = encoded(rgba, "PNG")
@@ -217,8 +220,6 @@ def test_other_formats_are_reduced_after_decoding_as_pil_does(cat):
 
 
 def test_pixels_decoded_whole_on_a_device_are_reduced_as_pil_reduces():
-    from inference.device_images import reduce_pixels
-
     stored = np.random.default_rng(0).integers(0, 256, (1283, 1001, 3), dtype=np.uint8)
     for factor in (1, 2, 4, 8):
         reduced = reduce_pixels(torch.from_numpy(stored).permute(2, 0, 1), factor)

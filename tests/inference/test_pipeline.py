@@ -23,7 +23,7 @@ from inference.image_header import decode_with_pil
 from inference.pipeline import DevicePipeline
 from inference.results import ModelError, UndecodableImage
 from tests.conftest import DETECTOR_WEIGHTS, PHOTOS, SHARED_WEIGHTS
-from tests.inference.agreement import CPU, HALF, Tolerance, assert_same_answers, assert_same_tags
+from tests.inference.agreement import CPU, HALF, Tolerance, _same_place, assert_same_answers, assert_same_tags
 
 SAMPLE = sorted(PHOTOS.glob("*.jpg")) + sorted((PHOTOS.parent / "evalset" / "photos").glob("*.jpg"))[::40]
 
@@ -172,8 +172,6 @@ def test_cuda_tags_and_boxes_match_the_cpu_reference(torch_engine, photos):
 def test_a_large_photo_decoded_reduced_gives_the_photos_tags_and_boxes_in_its_own_pixels(torch_engine):
     """bus.jpg (768x1024) enlarged twice: decoded at half size, it is the photo again, so it gets
     the photo's tags, and its boxes are the photo's, twice as large."""
-    from tests.inference.agreement import _same_place
-
     bus = Image.open(PHOTOS / "bus.jpg")
     encoded = io.BytesIO()
     bus.resize((1536, 2048), Image.Resampling.BICUBIC).save(encoded, "JPEG", quality=95)

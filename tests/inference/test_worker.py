@@ -11,6 +11,7 @@ from inference.batching import BatchStats
 from inference.results import ImageTooLarge, ModelError, ScoredTag, UndecodableImage
 from inference.worker import Worker, WorkerConfig
 from tests.conftest import RedisProcess
+from tests.inference.test_batching import png
 from tests.inference.test_remote import VOCABULARY, fresh_db, gateway, photo
 
 
@@ -87,8 +88,6 @@ class PixelCounter(StandInEngine):
 
 
 def test_a_round_of_jobs_runs_within_the_pixel_budget_and_an_image_over_it_is_refused(redis_server: RedisProcess):
-    from tests.inference.test_batching import png
-
     engine = PixelCounter()
     images = [png(100, 100)] * 3 + [png(200, 200)]
     *tagged, refused = asyncio.run(
