@@ -4,6 +4,12 @@ A caller enqueues one `Job` per encoded image and awaits its future. One loop ta
 bounded queue with `collate`, hands each batch to an idle `ImageTagger` replica (each on a
 thread of its own) for `predict`, and gives each job its own result. While batches run, the next collects. Jobs whose caller has gone, or whose
 deadline has passed, are dropped before they reach the models.
+
+Memory is bounded by pixels, not by request count: each job costs the pixels its decode holds
+(`image_header.decode_cost`, read from the header), and the batches in the models together never
+hold more than `pixel_budget`. A batch takes jobs in order while they fit; the first that does
+not waits, at the head of the line, for running batches to finish (its deadline still applies).
+An image that alone costs more than the whole budget is answered `ImageTooLarge` at once.
 """
 
 from __future__ import annotations
@@ -11,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from inference.client import DeadlineExceeded, ImageTagger, InferenceClosed, QueueFull, admission_deadline
-from inference.results import ModelError, TagResult
+from inference.image_header import ModelInput, pixel_cost
+from inference.memory import MemoryTrimmer
+from inference.results import ImageTooLarge, ModelError, TagResult
 from inference.tasks import log_task_failure
 
 log = logging.getLogger(__name__)
@@ -40,6 +48,8 @@ class Job:
     deadline: float  # absolute, on the same clock as `collate`'s
     future: asyncio.Future[TagResult]
     enqueued_at: float = field(default_factory=time.monotonic)
+    pixels: int = 0
+    """What decoding it holds; counted against the budget while its batch runs."""
 
 
 def _admit(job: Job, batch: list[Job], now: float) -> None:
@@ -51,8 +61,13 @@ def _admit(job: Job, batch: list[Job], now: float) -> None:
     batch.append(job)
 
 
-def take_ready(queue: asyncio.Queue[Job], batch: list[Job], max_batch_size: int, clock: Clock) -> None:
-    """Adds jobs already queued to `batch`, without waiting, up to `max_batch_size`."""
+def take_ready(
+    queue: asyncio.Queue[Job], batch: list[Job], max_batch_size: int, clock: Clock, held: Sequence[Job] = ()
+) -> None:
+    """Adds the live ones of `held`, then jobs already queued, to `batch`, without waiting, up to
+    `max_batch_size`."""
+    for job in held:
+        _admit(job, batch, clock())
     while len(batch) < max_batch_size and not queue.empty():
         _admit(queue.get_nowait(), batch, clock())
 
@@ -62,12 +77,16 @@ async def collate(
     max_batch_size: int,
     max_wait_s: float,
     clock: Clock = time.monotonic,
+    held: Sequence[Job] = (),
 ) -> list[Job]:
     """Waits for a live job, then gathers more until `max_batch_size` or `max_wait_s` after it.
+    `held`: jobs taken off the queue earlier, which go first.
 
     Cancelled jobs are skipped; expired ones are failed with `DeadlineExceeded`. Never empty.
     """
     batch: list[Job] = []
+    for job in held:
+        _admit(job, batch, clock())
     while not batch:
         _admit(await queue.get(), batch, clock())
     window_end = clock() + max_wait_s
@@ -94,6 +113,10 @@ class BatchingConfig:
     default_timeout_s: float = 30.0
     replicas: int = 1
     """Engines, each on a thread of its own, serving batches side by side."""
+    pixel_budget: int | None = None
+    """Pixels the running batches may hold in all (see the module's docstring); None: unbounded."""
+    model_input: ModelInput = ModelInput()
+    """What the engines decode images down to; the cost of an image follows from it."""
 
 
 class BatchingInference:
@@ -122,6 +145,9 @@ class BatchingInference:
         self._running: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
+        self._pixels_free = config.pixel_budget or 0
+        self._pixels_freed = asyncio.Event()
+        self._trimmer = MemoryTrimmer()
 
     @property
     def ready(self) -> bool:
@@ -151,10 +177,15 @@ class BatchingInference:
         futures: list[asyncio.Future[TagResult]] = []
         for image in images:
             future: asyncio.Future[TagResult] = loop.create_future()
+            futures.append(future)
+            budget = self._config.pixel_budget
+            pixels = 0 if budget is None else pixel_cost(image, self._config.model_input)
+            if budget is not None and pixels > budget:
+                future.set_result(ImageTooLarge.over(pixels, budget))
+                continue
             self._pending.add(future)
             future.add_done_callback(self._pending.discard)
-            self._queue.put_nowait(Job(image, deadline, future))
-            futures.append(future)
+            self._queue.put_nowait(Job(image, deadline, future, pixels=pixels))
         try:
             # asyncio.timeout runs on the loop's clock; re-base the monotonic deadline onto it.
             async with asyncio.timeout_at(loop.time() + deadline - time.monotonic()):
@@ -177,26 +208,53 @@ class BatchingInference:
                 future.set_exception(InferenceClosed("the inference client closed first"))
         for executor in self._executors:
             executor.shutdown(wait=False, cancel_futures=True)
+        self._trimmer.close()
 
     async def _batch_loop(self) -> None:
         config = self._config
         # At most one batch per replica; the next one collects meanwhile. Queueing more in the
         # executors would move jobs out of the bounded queue and defeat its backpressure.
+        held: list[Job] = []
         while True:
-            batch = await collate(self._queue, config.max_batch_size, config.max_wait_s)
+            batch = await collate(self._queue, config.max_batch_size, config.max_wait_s, held=held)
             replica = await self._idle.get()
             # Waiting for a replica took time: re-check who still wants a result, then fill up.
-            now = time.monotonic()
             live: list[Job] = []
-            for job in batch:
-                _admit(job, live, now)
-            take_ready(self._queue, live, config.max_batch_size, time.monotonic)
+            take_ready(self._queue, live, config.max_batch_size, time.monotonic, held=batch)
+            live, held = await self._within_budget(live)
             if not live:
                 self._idle.put_nowait(replica)
                 continue
             task = asyncio.create_task(self._run_batch(replica, live))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    def _predict(self, engine: ImageTagger, batch: list[Job]) -> list[TagResult]:
+        try:
+            return engine.predict([job.image for job in batch])
+        finally:
+            self._trimmer.freed(sum(job.pixels for job in batch))
+
+    async def _within_budget(self, jobs: list[Job]) -> tuple[list[Job], list[Job]]:
+        """The longest run of `jobs` that fits in the pixels free, waiting for running batches
+        to free enough for the first; and the rest, which go first into the next batch."""
+        if self._config.pixel_budget is None:
+            return jobs, []
+        while jobs and jobs[0].pixels > self._pixels_free:
+            self._pixels_freed.clear()
+            await self._pixels_freed.wait()
+            now = time.monotonic()
+            still: list[Job] = []
+            for job in jobs:
+                _admit(job, still, now)
+            jobs = still
+        taken = 0
+        for job in jobs:
+            if job.pixels > self._pixels_free:
+                break
+            self._pixels_free -= job.pixels
+            taken += 1
+        return jobs[:taken], jobs[taken:]
 
     async def _run_batch(self, replica: tuple[ImageTagger, ThreadPoolExecutor], batch: list[Job]) -> None:
         engine, executor = replica
@@ -205,8 +263,7 @@ class BatchingInference:
             started = time.monotonic()
             loop = asyncio.get_running_loop()
             try:
-                images = [job.image for job in batch]
-                results = await loop.run_in_executor(executor, engine.predict, images)
+                results = await loop.run_in_executor(executor, self._predict, engine, batch)
             except Exception:
                 # The models already isolate a bad image; reaching here is a bug, so fail only
                 # this batch and keep serving.
@@ -217,6 +274,9 @@ class BatchingInference:
                 if not job.future.done():
                     job.future.set_result(result)
         finally:
+            if self._config.pixel_budget is not None:
+                self._pixels_free += sum(job.pixels for job in batch)
+                self._pixels_freed.set()
             self._idle.put_nowait(replica)
         waits = tuple(started - job.enqueued_at for job in batch)
         self._report(BatchStats(len(batch), waits, model_s, queue_depth))

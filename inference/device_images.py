@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -15,10 +16,12 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from inference.image_header import (
     ImageHeader,
     ImageRejected,
+    ModelInput,
     UnreadableImage,
     check_side_limits,
     decode_with_pil,
     read_header,
+    reduction,
 )
 
 # Ultralytics' own letterbox colour, as inference/detector.py pads.
@@ -37,15 +40,37 @@ def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[tor
         return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
 
 
+class Decoded(NamedTuple):
+    pixels: torch.Tensor
+    """(3, H, W) uint8 RGB, upright, on the device; smaller than the image when it was reduced."""
+    width: int
+    height: int
+    """The image's own upright size, which boxes are given in."""
+
+
 def decode_images(
     datas: list[bytes], device: torch.device, side_limits: tuple[int, int] | None = None
 ) -> list[torch.Tensor | ImageRejected]:
-    """Per image: upright (3, H, W) uint8 RGB pixels on `device`, or why it was not decoded.
+    """Per image: upright (3, H, W) uint8 RGB pixels on `device`, at full size, or why it was not
+    decoded (see `decode_for_models`)."""
+    return [d.pixels if isinstance(d, Decoded) else d for d in decode_for_models(datas, device, side_limits)]
+
+
+def decode_for_models(
+    datas: list[bytes],
+    device: torch.device,
+    side_limits: tuple[int, int] | None = None,
+    needs: ModelInput | None = None,
+) -> list[Decoded | ImageRejected]:
+    """Per image: its upright pixels on `device`, or why it was not decoded.
 
     `side_limits` (shortest side at least, longest at most), checked on the header before any
-    pixel is decoded. JPEGs are decoded together in one call; if that call fails (it returns
-    nothing then), each is tried alone, and one the device decoder still refuses goes to PIL
-    before it is given up."""
+    pixel is decoded. With `needs`, a large image is decoded no larger than the models use
+    (`image_header.reduction`): a JPEG on a CPU by libjpeg at the reduced size, so its full-size
+    pixels never exist; on a GPU whole by the device decoder, then reduced there. JPEGs for the
+    device decoder are decoded together in one call; if that call fails (it returns nothing
+    then), each is tried alone, and one the device decoder still refuses goes to PIL before it is
+    given up."""
     headers: list[ImageHeader | ImageRejected] = []
     for data in datas:
         try:
@@ -55,13 +80,17 @@ def decode_images(
             headers.append(header)
         except ImageRejected as error:
             headers.append(error)
+    factors = [reduction(h, needs) if needs and isinstance(h, ImageHeader) else 1 for h in headers]
     decoded: list[torch.Tensor | ImageRejected | None] = [
         header if isinstance(header, ImageRejected) else None for header in headers
     ]
     on_device = [
         i
         for i, header in enumerate(headers)
-        if isinstance(header, ImageHeader) and header.format == "JPEG" and header.mode in _DEVICE_JPEG_MODES
+        if isinstance(header, ImageHeader)
+        and header.format == "JPEG"
+        and header.mode in _DEVICE_JPEG_MODES
+        and (device.type != "cpu" or factors[i] == 1)
     ]
     encoded = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in on_device]
     if encoded:
@@ -71,11 +100,28 @@ def decode_images(
             pixels = [_decode_one_jpeg(one, device) for one in encoded]
         for i, image in zip(on_device, pixels):
             if image is not None:
-                decoded[i] = orient(image, headers[i].orientation)
+                decoded[i] = orient(reduce_pixels(image, factors[i]), headers[i].orientation)
+        del encoded, pixels  # the whole-size pixels go before the CPU's decodes add theirs
     for i, image in enumerate(decoded):
         if image is None:
-            decoded[i] = _decode_on_cpu(datas[i], device)
-    return decoded
+            decoded[i] = _decode_on_cpu(datas[i], device, factors[i])
+    return [
+        Decoded(image, *_upright_size(header)) if isinstance(image, torch.Tensor) else image
+        for image, header in zip(decoded, headers)
+    ]
+
+
+def _upright_size(header: ImageHeader) -> tuple[int, int]:
+    return (header.height, header.width) if header.orientation >= 5 else (header.width, header.height)
+
+
+def reduce_pixels(pixels: torch.Tensor, factor: int) -> torch.Tensor:
+    """(3, H, W) uint8 pixels `factor` times smaller on each side, each the mean of its block as
+    PIL's `reduce` makes it (edge blocks cut short, sides rounded up)."""
+    if factor == 1:
+        return pixels
+    mean = torch.nn.functional.avg_pool2d(pixels.unsqueeze(0).float(), factor, ceil_mode=True)[0]
+    return mean.round_().to(torch.uint8)
 
 
 def _decode_one_jpeg(encoded: torch.Tensor, device: torch.device) -> torch.Tensor | None:
@@ -85,9 +131,9 @@ def _decode_one_jpeg(encoded: torch.Tensor, device: torch.device) -> torch.Tenso
         return None
 
 
-def _decode_on_cpu(data: bytes, device: torch.device) -> torch.Tensor | ImageRejected:
+def _decode_on_cpu(data: bytes, device: torch.device, factor: int = 1) -> torch.Tensor | ImageRejected:
     try:
-        image = decode_with_pil(data)
+        image = decode_with_pil(data, factor)
     except UnreadableImage as error:
         return error
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).to(device)

@@ -83,14 +83,70 @@ def check_side_limits(header: ImageHeader, min_side: int, max_side: int) -> None
         )
 
 
-def decode_with_pil(data: bytes) -> Image.Image:
-    """Upright RGB pixels of any accepted format; raises `UnreadableImage`."""
+@dataclass(frozen=True)
+class ModelInput:
+    """The least picture the models use in full: the detector letterboxes the longest side to
+    `longest`, the classifier crops 260/292 of the shortest and resizes it to 260."""
+
+    longest: int = 640
+    shortest: int = 292
+
+
+def reduction(header: ImageHeader, needs: ModelInput) -> int:
+    """1, 2, 4 or 8: the largest factor an image can be decoded smaller by (JPEG's DCT scaling
+    offers these) and still give the models every pixel they use."""
+    longest, shortest = max(header.width, header.height), min(header.width, header.height)
+    factor = 1
+    while factor < 8 and longest // (factor * 2) >= needs.longest and shortest // (factor * 2) >= needs.shortest:
+        factor *= 2
+    return factor
+
+
+def reduced_size(width: int, height: int, factor: int) -> tuple[int, int]:
+    """The size libjpeg's scaled decode and PIL's `reduce` give: each side divided, rounded up."""
+    return -(-width // factor), -(-height // factor)
+
+
+def decode_cost(header: ImageHeader, needs: ModelInput) -> int:
+    """Pixels the decoder holds at once for this image: a JPEG is decoded reduced, any other
+    format whole before it is reduced."""
+    if header.format == "JPEG":
+        width, height = reduced_size(header.width, header.height, reduction(header, needs))
+        return width * height
+    return header.width * header.height
+
+
+def pixel_cost(data: bytes, needs: ModelInput) -> int:
+    """`decode_cost` of encoded bytes; 0 when the header cannot be read (the decoder then refuses
+    the image without decoding a pixel)."""
+    try:
+        return decode_cost(read_header(data), needs)
+    except ImageRejected:
+        return 0
+
+
+# Modes `Image.reduce` averages correctly; palette indices, 16-bit and 1-bit images are turned
+# into RGB first.
+_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "CMYK", "I", "F")
+
+
+def decode_with_pil(data: bytes, factor: int = 1) -> Image.Image:
+    """Upright RGB pixels of any accepted format, `factor` times smaller on each side (a JPEG is
+    decoded at that size, libjpeg's DCT scaling; any other format is box-averaged after
+    decoding); raises `UnreadableImage`."""
     image_format = sniff_format(data)
     try:
         image = Image.open(io.BytesIO(data), formats=[image_format])
+        stored = image.size
+        if factor > 1 and image_format == "JPEG":
+            image.draft(None, (stored[0] // factor, stored[1] // factor))
         image.load()
     except _UNREADABLE:
         raise UnreadableImage(f"the {image_format} image is truncated or corrupt") from None
+    if factor > 1 and image.size == stored:
+        if image.mode not in _REDUCIBLE:
+            image = to_rgb(image)
+        image = image.reduce(factor)
     try:
         image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, TypeError, KeyError):

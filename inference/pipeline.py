@@ -24,19 +24,20 @@ fitted on it (load-tests/fit_calibration.py).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import logging
 
 import torch
 from PIL import Image
 
-from inference.classifier import INPUT_SIZE, crop_and_resize, normalize
+from inference.classifier import CROP_PADDING, INPUT_SIZE, crop_and_resize, normalize
 from inference.client import FailureCounter
 from inference.detector import Detector
-from inference.device_images import LETTERBOX_GREY, Placement, decode_images, letterbox_into
+from inference.device_images import LETTERBOX_GREY, Decoded, Placement, decode_for_models, decode_images, letterbox_into
 from inference.engine import EngineConfig, TaggingEngine, run_or_retry_each
 from inference.fusion import fuse
-from inference.image_header import ImageRejected
+from inference.image_header import ImageRejected, ModelInput
 from inference.results import Box, ScoredTag, TagResult, UndecodableImage
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ class DevicePipeline:
         self.side_limits = side_limits
         self.detectors = [YoloNetwork(detector, self.device) for detector in engine.detectors]
         self.letterbox_size = engine.detectors[0].image_size if engine.detectors else 640
+        self.model_input = ModelInput(self.letterbox_size, INPUT_SIZE + CROP_PADDING)
 
     @classmethod
     def build(
@@ -161,13 +163,13 @@ class DevicePipeline:
         return results
 
     def _predict_part(self, datas: list[bytes]) -> list[TagResult]:
-        decoded = decode_images(datas, self.device, self.side_limits)
+        decoded = decode_for_models(datas, self.device, self.side_limits, self.model_input)
         results: list[TagResult | None] = [
             UndecodableImage(str(image)) if isinstance(image, ImageRejected) else None for image in decoded
         ]
         ready = [i for i, result in enumerate(results) if result is None]
-        for i, tags in zip(ready, self.predict_pixels([decoded[i] for i in ready])):
-            results[i] = tags
+        for i, tags in zip(ready, self.predict_pixels([decoded[i].pixels for i in ready])):
+            results[i] = _in_image_pixels(tags, decoded[i])
         return results
 
     def predict_pixels(self, pixels: list[torch.Tensor]) -> list[TagResult]:
@@ -219,6 +221,24 @@ class DevicePipeline:
             for boxes, image_rows, placement in zip(found, rows, placements):
                 boxes.extend(_boxes(image_rows, placement, network.names))
         return found
+
+
+def _in_image_pixels(result: TagResult, decoded: Decoded) -> TagResult:
+    """Boxes found on reduced pixels, in the image's own."""
+    height, width = decoded.pixels.shape[-2:]
+    if isinstance(result, Exception) or (width, height) == (decoded.width, decoded.height):
+        return result
+    sx, sy = decoded.width / width, decoded.height / height
+    return [
+        dataclasses.replace(
+            tag,
+            instances=tuple(
+                dataclasses.replace(i, x=i.x * sx, y=i.y * sy, width=i.width * sx, height=i.height * sy)
+                for i in tag.instances
+            ),
+        )
+        for tag in result
+    ]
 
 
 def _boxes(rows: torch.Tensor, placement: Placement, names: dict[int, str]) -> list[Box]:

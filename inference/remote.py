@@ -14,7 +14,7 @@ as the client sent them, header already checked: the worker decodes them, nothin
 re-encoded on the way) and `trace` (the request's W3C `traceparent` when tracing is on, else
 empty; older gateways send none). A reply entry has one field, `result`, in JSON: `{"job": ...,
 "tags": [[key, confidence, [[confidence, x, y, width, height], ...]], ...]}` or `{"job": ...,
-"error": "model" | "undecodable" | "expired", "message": ...}`, both with `"models"`: the digests
+"error": "model" | "undecodable" | "too_large" | "expired", "message": ...}`, both with `"models"`: the digests
 of the worker's weights (`detector=sha256:HEX,...,classifier=sha256:HEX`), which the gateway
 names in its answer (older workers send none); never pickle, so a worker cannot run code in a
 gateway. A gateway that does not know an error kind takes it for "model". Workers ack and delete an answered job,
@@ -44,7 +44,7 @@ from inference.client import (
     QueueFull,
     admission_deadline,
 )
-from inference.results import Instance, ModelError, ScoredTag, TagResult, UndecodableImage
+from inference.results import ImageTooLarge, Instance, ModelError, ScoredTag, TagResult, UndecodableImage
 from inference.tasks import as_text, log_task_failure
 from inference.vocabulary import Vocabulary
 
@@ -70,6 +70,8 @@ local t = redis.call('TIME')
 return redis.call('ZCOUNT', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1000000, '+inf')
 """
 _NO_WORKERS, _FULL = -1, -2
+_ERROR_KINDS: dict[type[ModelError], str] = {UndecodableImage: "undecodable", ImageTooLarge: "too_large"}
+_KIND_ERRORS = {kind: error for error, kind in _ERROR_KINDS.items()}
 
 
 class NoWorkers(InferenceUnavailable):
@@ -119,7 +121,7 @@ def encode_result(job_id: str, result: TagResult | DeadlineExceeded, models: str
     if isinstance(result, DeadlineExceeded):
         reply |= {"error": "expired", "message": str(result)}
     elif isinstance(result, ModelError):
-        kind = "undecodable" if isinstance(result, UndecodableImage) else "model"
+        kind = _ERROR_KINDS.get(type(result), "model")
         reply |= {"error": kind, "message": str(result)}
     else:
         reply["tags"] = [
@@ -139,8 +141,8 @@ def decode_reply(reply: dict, vocabulary: Vocabulary) -> tuple[str, TagResult | 
     error = reply.get("error")
     if error == "expired":
         return job_id, DeadlineExceeded(reply.get("message") or "the deadline passed before a worker took the job")
-    if error == "undecodable":
-        return job_id, UndecodableImage(reply.get("message") or "the image cannot be decoded")
+    if error in _KIND_ERRORS:
+        return job_id, _KIND_ERRORS[error](reply.get("message") or "the image cannot be decoded")
     if error is not None:
         return job_id, ModelError(reply.get("message") or "the model failed to process this image")
     tags = []

@@ -7,6 +7,7 @@ Per image, a `TagResult`: its tags, most confident first, or the error for that 
 
     ModelError              the models failed on this image (the contract's 500 AIS.0505)
      └── UndecodableImage   its pixels could not be decoded: truncated or corrupt (400 AIS.0503)
+          └── ImageTooLarge it would take more pixels than the decode budget holds (400 AIS.0504)
 """
 
 from __future__ import annotations
@@ -52,3 +53,15 @@ class UndecodableImage(ModelError):
 
 
 TagResult = list[ScoredTag] | ModelError
+
+
+class ImageTooLarge(UndecodableImage):
+    """Decoding the image would take more pixels than the whole pixel budget
+    (`IMAGETAG_PIXEL_BUDGET_MP`), so it is never decoded; carried in that image's result slot."""
+
+    @classmethod
+    def over(cls, pixels: int, budget: int) -> ImageTooLarge:
+        return cls(
+            f"decoding this image takes {pixels / 1e6:.3g} megapixels, more than the service's "
+            f"{budget / 1e6:.3g}-megapixel budget; send it smaller or as a JPEG"
+        )

@@ -32,8 +32,10 @@ from redis.exceptions import RedisError, ResponseError
 
 from inference.batching import BatchStats
 from inference.client import DeadlineExceeded, ImageTagger
+from inference.image_header import ModelInput, pixel_cost
+from inference.memory import MemoryTrimmer
 from inference.remote import Channels, Job, blocking_budget, encode_result, parse_job
-from inference.results import ModelError, TagResult, UndecodableImage
+from inference.results import ImageTooLarge, ModelError, TagResult, UndecodableImage
 from inference.tasks import as_text
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,10 @@ class WorkerConfig:
     visibility_timeout_s: float = 15.0
     reply_ttl_s: float = 60.0  # beyond the job's deadline; a dead gateway's reply stream then expires
     models: str = ""  # the weights' digests, sent back with every result
+    pixel_budget: int | None = None
+    """Pixels one model call may decode (`inference.batching`'s budget; a worker runs one call at
+    a time); a round's jobs run in as many calls as that takes. None: unbounded."""
+    model_input: ModelInput = ModelInput()
 
 
 def consumer_name() -> str:
@@ -119,6 +125,7 @@ class Worker:
         self._claim_cursor: bytes | str = "0-0"
         self._group_ready = False
         self._stopping = asyncio.Event()
+        self._trimmer = MemoryTrimmer()
 
     def stop(self) -> None:
         """Finishes the batch in hand, then `run` returns."""
@@ -142,6 +149,7 @@ class Worker:
         finally:
             self._notify(lambda observer: observer.up(False))
             self._executor.shutdown(wait=False, cancel_futures=True)
+            self._trimmer.close()
 
     async def _serve(self, engine: ImageTagger) -> None:
         next_claim = next_sweep = time.monotonic()
@@ -235,9 +243,10 @@ class Worker:
         if live:
             started = time.monotonic()
             loop = asyncio.get_running_loop()
-            results = await loop.run_in_executor(self._executor, _predict, engine, [job.image for job in live])
+            for part, pixels in self._within_budget(live, replies):
+                results = await loop.run_in_executor(self._executor, self._predict, engine, part, pixels)
+                replies += zip(part, results)
             model_s = time.monotonic() - started
-            replies += zip(live, results)
             self._trace(live, waits, now, model_s)
         queued = await self._answer(replies, [entry_id for entry_id, _ in entries])
         for outcome, count in _outcomes(replies, invalid).items():
@@ -246,6 +255,37 @@ class Worker:
             # Queue depth as the batch is answered, not as it was sent: that saves a round trip.
             stats = BatchStats(len(live), tuple(waits), model_s, queued)
             self._notify(lambda observer: observer.batch(stats))
+
+    def _within_budget(
+        self, jobs: list[Job], replies: list[tuple[Job, TagResult | DeadlineExceeded]]
+    ) -> list[tuple[list[Job], int]]:
+        """`jobs` in order, in runs whose pixels fit the budget, each with its pixels; a job that
+        alone needs more is answered `ImageTooLarge` in `replies` instead."""
+        budget = self._config.pixel_budget
+        if budget is None:
+            return [(jobs, 0)]
+        parts: list[tuple[list[Job], int]] = []
+        part: list[Job] = []
+        used = 0
+        for job in jobs:
+            pixels = pixel_cost(job.image, self._config.model_input)
+            if pixels > budget:
+                replies.append((job, ImageTooLarge.over(pixels, budget)))
+                continue
+            if part and used + pixels > budget:
+                parts.append((part, used))
+                part, used = [], 0
+            part.append(job)
+            used += pixels
+        if part:
+            parts.append((part, used))
+        return parts
+
+    def _predict(self, engine: ImageTagger, jobs: list[Job], pixels: int) -> list[TagResult]:
+        try:
+            return _predict(engine, [job.image for job in jobs])
+        finally:
+            self._trimmer.freed(pixels)
 
     async def _answer(self, replies: list[tuple[Job, TagResult | DeadlineExceeded]], entry_ids: list[bytes]) -> int:
         """Pushes the results, then acks and deletes the entries; gives the jobs still queued."""

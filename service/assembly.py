@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from redis.asyncio import Redis
 
 from inference.client import FailureCounter, ImageTagger, InferenceClient
+from inference.image_header import ModelInput
 from service.auth.authenticator import Authenticator
 from service.backends import Backends, build_backends
 from service.build import version, weights_digests
@@ -155,6 +156,8 @@ def build_inference(
         max_queue=settings.queue_max,
         default_timeout_s=settings.request_timeout_s,
         replicas=settings.model_replicas,
+        pixel_budget=settings.pixel_budget,
+        model_input=ModelInput(longest=settings.detector_image_size),
     )
     return BatchingInference(
         build_engine or engine_factory(settings, metrics.failed_batches if metrics is not None else None),
@@ -196,5 +199,7 @@ def build_worker(
         heartbeat_s=settings.worker_heartbeat_s,
         visibility_timeout_s=settings.job_visibility_timeout_s,
         models=weights_digests(settings),
+        pixel_budget=settings.pixel_budget,
+        model_input=ModelInput(longest=settings.detector_image_size),
     )
     return Worker(redis, engine_factory(settings, failed_batches), config, observer, tracer)

@@ -136,6 +136,12 @@ class Settings(BaseSettings):
     # development machine that is +10% throughput at concurrency 32 and no cost at concurrency 1
     # (load-tests/benchmark.py, IMAGETAG_MODEL_REPLICAS=1 vs 2).
     model_replicas: int = Field(2, ge=1, le=16, description="engines serving batches side by side in one process")
+    pixel_budget_mp: float = Field(
+        24.0,
+        gt=0,
+        description="megapixels being decoded or in the models at once, per gateway (embedded) or worker: "
+        "bounds their memory (README, Memory); an image that alone needs more gets 400 AIS.0504",
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of one request's model work")
     worker_heartbeat_s: float = Field(2.0, gt=0)
     job_visibility_timeout_s: float = Field(
@@ -214,6 +220,10 @@ class Settings(BaseSettings):
             detector_runtime=self.detector_runtime,
             runtime_cache_dir=self.runtime_cache_dir,
         )
+
+    @property
+    def pixel_budget(self) -> int:
+        return int(self.pixel_budget_mp * 1_000_000)
 
     def allowed_networks(self) -> tuple[IPNetwork, ...]:
         return parse_networks(self.url_allowed_networks)

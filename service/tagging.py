@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from inference.client import InferenceClient, InferenceUnavailable
-from inference.results import ModelError, ScoredTag, TagResult, UndecodableImage
+from inference.results import ImageTooLarge, ModelError, ScoredTag, TagResult, UndecodableImage
 from inference.vocabulary import Vocabulary
 from service.errors import CorruptImage, ImageSizeInvalid, ModelFailed, Overloaded, ServiceError, error_body
 from service.images import ImageRules, check_image, decode_base64
@@ -152,6 +152,8 @@ class TaggingService:
             raise Overloaded(f"the service is overloaded ({error}); retry shortly", headers={"Retry-After": "1"}) from None
 
     async def _response(self, result: TagResult, options: TaggingOptions) -> TaggingResponse:
+        if isinstance(result, ImageTooLarge):
+            raise ImageSizeInvalid(str(result))
         if isinstance(result, UndecodableImage):
             raise CorruptImage(str(result))
         if isinstance(result, ModelError):

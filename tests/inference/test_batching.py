@@ -4,16 +4,20 @@ for the timing mechanics and the real models for correctness."""
 from __future__ import annotations
 
 import asyncio
+import io
 import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
 
 import pytest
+from PIL import Image
+
 from inference.batching import BatchingConfig, BatchingInference, BatchStats, Job, collate
 from inference.client import DeadlineExceeded, InferenceClosed, QueueFull
 from inference.pipeline import DevicePipeline
-from inference.results import ModelError, UndecodableImage
+from inference.image_header import read_header
+from inference.results import ImageTooLarge, ModelError, UndecodableImage
 from tests.conftest import PHOTOS
 
 
@@ -399,3 +403,94 @@ def test_replicas_serve_batches_side_by_side():
         assert [e.seen() for e in engines] == [{11}, {12}]
 
     run(build, BatchingConfig(max_batch_size=1, replicas=2), body)
+
+
+def png(width: int, height: int) -> bytes:
+    """A real PNG header (and pixels): a PNG costs its whole size against the pixel budget."""
+    encoded = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 140, 200)).save(encoded, "PNG")
+    return encoded.getvalue()
+
+
+class PixelEngine:
+    """Records the pixels of the batches on the model threads at once, at the worst moment."""
+
+    def __init__(self, delay_s: float = 0.05) -> None:
+        self.delay_s = delay_s
+        self.lock = threading.Lock()
+        self.now = self.peak = 0
+        self.batches: list[int] = []
+
+    def predict(self, images: list[bytes]) -> list:
+        pixels = sum(read_header(data).width * read_header(data).height for data in images)
+        with self.lock:
+            self.now += pixels
+            self.peak = max(self.peak, self.now)
+            self.batches.append(len(images))
+        time.sleep(self.delay_s)
+        with self.lock:
+            self.now -= pixels
+        return [["tagged"] for _ in images]
+
+
+def test_batches_in_the_models_never_hold_more_pixels_than_the_budget():
+    engine = PixelEngine()
+    # 100x100 is 10,000 pixels: a 25,000-pixel budget holds two images at once, in any batches.
+    config = BatchingConfig(max_batch_size=8, replicas=2, pixel_budget=25_000)
+
+    async def body(client: BatchingInference) -> None:
+        results = await asyncio.gather(*(client.tag([png(100, 100)]) for _ in range(12)))
+        assert results == [[["tagged"]]] * 12
+
+    run(lambda: engine, config, body)
+    assert engine.peak == 20_000
+    assert sum(engine.batches) == 12 and max(engine.batches) == 2
+
+
+def test_an_image_larger_than_the_whole_budget_is_refused_alone_and_at_once():
+    engine = PixelEngine()
+    config = BatchingConfig(pixel_budget=25_000)
+
+    async def body(client: BatchingInference) -> None:
+        small, large = await client.tag([png(100, 100), png(200, 200)])
+        assert small == ["tagged"]
+        assert isinstance(large, ImageTooLarge)
+        assert "0.04 megapixels" in str(large) and "0.025-megapixel budget" in str(large)
+
+    run(lambda: engine, config, body)
+    assert engine.batches == [1]
+
+
+def test_a_large_jpeg_costs_the_pixels_it_is_decoded_at():
+
+    encoded = io.BytesIO()
+    Image.new("RGB", (4096, 4096), (90, 140, 200)).save(encoded, "JPEG")
+    engine = PixelEngine(delay_s=0)
+    # Decoded at a quarter of each side (1024x1024): it fits a budget a whole 4096x4096 would not.
+    config = BatchingConfig(pixel_budget=1024 * 1024)
+
+    async def body(client: BatchingInference) -> None:
+        assert await client.tag([encoded.getvalue()]) == [["tagged"]]
+        (refused,) = await client.tag([png(1025, 1024)])  # a PNG is decoded whole
+        assert isinstance(refused, ImageTooLarge)
+
+    run(lambda: engine, config, body)
+
+
+def test_an_image_waiting_for_pixels_past_its_deadline_is_not_tagged():
+    engine = SizeEngine()
+    engine.hold.clear()
+    config = BatchingConfig(max_batch_size=1, replicas=2, pixel_budget=10_000)
+
+    async def body(client: BatchingInference) -> None:
+        first = asyncio.create_task(client.tag([png(100, 100)]))
+        await started(engine)
+        # The second replica is idle, but the first image holds the whole budget.
+        with pytest.raises(DeadlineExceeded):
+            await client.tag([png(100, 100)], deadline=time.monotonic() + 0.3)
+        engine.hold.set()
+        assert len(await first) == 1
+        assert len(await client.tag([png(100, 100)])) == 1  # the budget came back
+
+    run(lambda: engine, config, body)
+    assert len(engine.batches) == 2

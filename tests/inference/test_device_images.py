@@ -9,13 +9,25 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from inference.device_images import LETTERBOX_GREY, decode_images, letterbox_into, orient
+from inference.classifier import CROP_PADDING, INPUT_SIZE
+from inference.device_images import (
+    LETTERBOX_GREY,
+    decode_for_models,
+    decode_images,
+    letterbox_into,
+    orient,
+    reduce_pixels,
+)
 from inference.image_header import (
+    ImageHeader,
     ImageOutOfBounds,
+    ModelInput,
     UnreadableImage,
     check_side_limits,
+    decode_cost,
     decode_with_pil,
     read_header,
+    reduction,
 )
 from inference.pipeline import bucket_for, bucket_sizes
 from tests.conftest import PHOTOS, REPO
@@ -152,3 +164,65 @@ def test_buckets_are_powers_of_two_up_to_the_largest():
     assert bucket_sizes(48) == (1, 2, 4, 8, 16, 32, 48)
     assert bucket_sizes(1) == (1,)
     assert [bucket_for(n, bucket_sizes(8)) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+
+
+@pytest.mark.parametrize(
+    ("size", "factor"),
+    [
+        ((4096, 4096), 4),  # 1024 a side: halving again would leave the letterbox short of 640
+        ((1279, 1000), 1),
+        ((1280, 1000), 2),
+        ((4096, 583), 1),  # the classifier's crop needs a shortest side of 292
+        ((4096, 584), 2),
+        ((4096, 300), 1),
+    ],
+)
+def test_an_image_is_reduced_only_as_far_as_the_models_still_use_every_pixel(size, factor):
+    needs = ModelInput()
+    assert needs.shortest == INPUT_SIZE + CROP_PADDING
+    for width, height in (size, size[::-1]):
+        assert reduction(ImageHeader("JPEG", width, height, "RGB"), needs) == factor
+        jpeg = decode_cost(ImageHeader("JPEG", width, height, "RGB"), needs)
+        assert jpeg == -(-width // factor) * -(-height // factor)
+        assert decode_cost(ImageHeader("PNG", width, height, "RGB"), needs) == width * height
+    assert reduction(ImageHeader("JPEG", 9000, 9000, "RGB"), ModelInput(longest=320)) == 8
+
+
+def large(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def test_a_large_jpeg_is_decoded_at_the_reduced_size_on_a_cpu(cat):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 2706x1800, upright 1800x2706
+    data = encoded(large(cat, (2706, 1800)), "JPEG", quality=95, exif=exif)
+    (decoded,) = decode_for_models([data], CPU, needs=ModelInput())
+    assert (decoded.width, decoded.height) == (1800, 2706)
+    assert decoded.pixels.shape == (3, 677, 450)  # a quarter: 676 >= 640 and 450 >= 292
+    whole = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB").reduce(4)
+    difference = np.abs(as_array(decoded.pixels).astype(int) - np.asarray(whole).astype(int))
+    assert difference.mean() < 2  # libjpeg's scaled decode, close to the whole image averaged
+    (full,) = decode_images([data], CPU)
+    assert full.shape == (3, 2706, 1800)
+
+
+def test_other_formats_are_reduced_after_decoding_as_pil_does(cat):
+    rgba = large(cat, (2600, 1730)).convert("RGBA")
+    rgba.putalpha(200)
+    data = encoded(rgba, "PNG")
+    (decoded,) = decode_for_models([data], CPU, needs=ModelInput())
+    assert (decoded.width, decoded.height) == (2600, 1730)
+    expected = decode_with_pil(data).reduce(4)
+    assert np.abs(as_array(decoded.pixels).astype(int) - np.asarray(expected).astype(int)).max() <= 2
+    palette = encoded(large(cat, (1400, 700)).convert("P"), "PNG")
+    (decoded,) = decode_for_models([palette], CPU, needs=ModelInput())
+    assert decoded.pixels.shape == (3, 350, 700)
+
+
+def test_pixels_decoded_whole_on_a_device_are_reduced_as_pil_reduces():
+    stored = np.random.default_rng(0).integers(0, 256, (1283, 1001, 3), dtype=np.uint8)
+    for factor in (1, 2, 4, 8):
+        reduced = reduce_pixels(torch.from_numpy(stored).permute(2, 0, 1), factor)
+        expected = np.asarray(Image.fromarray(stored).reduce(factor))
+        assert reduced.dtype == torch.uint8
+        assert np.abs(as_array(reduced).astype(int) - expected.astype(int)).max() <= 1

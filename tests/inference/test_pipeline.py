@@ -7,6 +7,7 @@ ultralytics.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 
@@ -22,7 +23,7 @@ from inference.image_header import decode_with_pil
 from inference.pipeline import DevicePipeline
 from inference.results import ModelError, UndecodableImage
 from tests.conftest import DETECTOR_WEIGHTS, PHOTOS, SHARED_WEIGHTS
-from tests.inference.agreement import CPU, HALF, Tolerance, assert_same_answers, assert_same_tags
+from tests.inference.agreement import CPU, HALF, Tolerance, _same_place, assert_same_answers, assert_same_tags
 
 SAMPLE = sorted(PHOTOS.glob("*.jpg")) + sorted((PHOTOS.parent / "evalset" / "photos").glob("*.jpg"))[::40]
 
@@ -166,3 +167,23 @@ def test_cuda_tags_and_boxes_match_the_cpu_reference(torch_engine, photos):
     pipeline = DevicePipeline(cuda_engine, max_batch=16)
     pipeline.warm_up()
     assert_same_as_the_reference(pipeline, torch_engine, photos, HALF)
+
+
+def test_a_large_photo_decoded_reduced_gives_the_photos_tags_and_boxes_in_its_own_pixels(torch_engine):
+    """bus.jpg (768x1024) enlarged twice: decoded at half size, it is the photo again, so it gets
+    the photo's tags, and its boxes are the photo's, twice as large."""
+    bus = Image.open(PHOTOS / "bus.jpg")
+    encoded = io.BytesIO()
+    bus.resize((1536, 2048), Image.Resampling.BICUBIC).save(encoded, "JPEG", quality=95)
+    pipeline = DevicePipeline(torch_engine, max_batch=8)
+    small, large = pipeline.predict([(PHOTOS / "bus.jpg").read_bytes(), encoded.getvalue()])
+    assert_same_tags(large, small, HALF)
+    placed = Tolerance(tag=HALF.tag, box_pixels=8.0, iou=0.85, score=HALF.score)
+    boxes = {tag.tag.key: tag.instances for tag in small}
+    for tag in large:
+        for instance in tag.instances:
+            halved = dataclasses.replace(
+                instance, x=instance.x / 2, y=instance.y / 2, width=instance.width / 2, height=instance.height / 2
+            )
+            assert any(_same_place(halved, other, placed) for other in boxes[tag.tag.key]), (tag.tag.key, instance)
+    assert sum(len(tag.instances) for tag in large) == sum(len(tag.instances) for tag in small) > 0

@@ -8,9 +8,10 @@ import asyncio
 from redis.asyncio import Redis
 
 from inference.batching import BatchStats
-from inference.results import ModelError, ScoredTag, UndecodableImage
+from inference.results import ImageTooLarge, ModelError, ScoredTag, UndecodableImage
 from inference.worker import Worker, WorkerConfig
 from tests.conftest import RedisProcess
+from tests.inference.test_batching import png
 from tests.inference.test_remote import VOCABULARY, fresh_db, gateway, photo
 
 
@@ -42,9 +43,9 @@ class Recorder:
         self.calls.append(("up", serving))
 
 
-async def serve_and_tag(url: str, observer: Recorder, *images) -> list:
+async def serve_and_tag(url: str, observer: Recorder, *images, engine=StandInEngine, **config) -> list:
     client = Redis.from_url(url)
-    worker = Worker(client, StandInEngine, WorkerConfig(heartbeat_s=0.2), observer)
+    worker = Worker(client, engine, WorkerConfig(heartbeat_s=0.2, **config), observer)
     running = asyncio.create_task(worker.run())
     try:
         async with gateway(url) as inference:
@@ -75,3 +76,26 @@ def test_a_failing_observer_does_not_stop_the_worker(redis_server: RedisProcess)
     first = asyncio.run(serve_and_tag(url, recorder, photo("bus.jpg")))
     assert [t.tag.key for t in first[0]] == ["cat"]
     assert ("jobs", "tagged", 1) in recorder.calls and ("up", True) in recorder.calls  # served on regardless
+
+
+class PixelCounter(StandInEngine):
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def predict(self, images):
+        self.calls.append(len(images))
+        return super().predict(images)
+
+
+def test_a_round_of_jobs_runs_within_the_pixel_budget_and_an_image_over_it_is_refused(redis_server: RedisProcess):
+    engine = PixelCounter()
+    images = [png(100, 100)] * 3 + [png(200, 200)]
+    *tagged, refused = asyncio.run(
+        serve_and_tag(
+            fresh_db(redis_server, 6), Recorder(), *images, engine=lambda: engine, max_batch_size=8, pixel_budget=25_000
+        )
+    )
+    assert all([t.tag.key for t in result] == ["cat"] for result in tagged)
+    # Across the wire as its own kind: the gateway answers it 400 AIS.0504, not 500.
+    assert isinstance(refused, ImageTooLarge) and "0.04 megapixels" in str(refused)
+    assert sum(engine.calls) == 3 and max(engine.calls) <= 2
