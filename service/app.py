@@ -119,6 +119,7 @@ async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
 
 async def _redis_error(request: Request, error: RedisError) -> JSONResponse:
     log.warning("Redis unavailable: %r", error)
+    request.app.state.metrics.redis_errors.inc()
     return error_response(
         Overloaded("the shared store (Redis) is unreachable; retry shortly", headers={"Retry-After": "1"}),
         request.scope,

@@ -64,6 +64,11 @@ class Metrics:
             "Model batches that failed and were retried image by image (each one is also logged)",
             registry=r,
         )
+        self.redis_errors = Counter(
+            "imagetag_redis_errors",
+            "Requests answered 503 because Redis (identities, limits, the job queue) did not answer",
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "imagetag_queue_depth", "Images still queued when the last batch was sent", registry=r
         )

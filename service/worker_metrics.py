@@ -56,6 +56,11 @@ class WorkerMetrics:
         for outcome in OUTCOMES:  # every series from the start, so rates see the first job
             self._jobs.labels(outcome)
         self._up = Gauge("imagetag_worker_up", "1 while the worker serves jobs", registry=self.registry)
+        self._queue_depth = Gauge(
+            "imagetag_worker_queue_depth",
+            "Jobs on the Redis stream (queued or in progress) when this worker last answered a batch",
+            registry=self.registry,
+        )
         # Plain flags, set on the worker's event loop and read by the HTTP threads.
         self.models_loaded = False
         self._serving = False
@@ -72,6 +77,7 @@ class WorkerMetrics:
         self._batches.inc()
         self._batch_size.observe(stats.size)
         self._model_seconds.observe(stats.model_s)
+        self._queue_depth.set(stats.queue_depth)
 
     def jobs(self, outcome: str, count: int) -> None:
         self._jobs.labels(outcome).inc(count)

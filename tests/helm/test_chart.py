@@ -1272,8 +1272,9 @@ def test_prometheus_rules_alert_on_metrics_that_exist(renderings) -> None:
                 assert alert["labels"]["severity"] in ("warning", "critical")
                 assert alert["annotations"]["summary"]
         alerts[rendering.name] = names
-    shared = {"ImagetagHighErrorRate", "ImagetagHighLatency", "ImagetagUnavailable"}
-    assert alerts["gpu-keda"] == shared | {"ImagetagNoWorkers", "ImagetagWorkerDown", "ImagetagRedisErrors", "ImagetagJobsExpiring"}
+    shared = {"ImagetagHighErrorRate", "ImagetagHighLatency", "ImagetagUnavailable", "ImagetagGatewayRedisErrors"}
+    assert alerts["gpu-keda"] == shared | {
+        "ImagetagNoWorkers", "ImagetagWorkerDown", "ImagetagRedisErrors", "ImagetagJobBacklog", "ImagetagJobsExpiring"}
     assert alerts["test"] == shared | {"ImagetagQueueBacklog", "ImagetagModelsNotReady"}
     [rule] = remote.of_kind("PrometheusRule")
     high_errors = next(a for g in rule["spec"]["groups"] for a in g["rules"] if a["alert"] == "ImagetagHighErrorRate")

@@ -98,4 +98,5 @@ def test_framework_and_redis_errors_get_the_one_envelope(tmp_path):
     assert "short and stout" not in assert_envelope(responses["teapot"], 500, "AIS.0506")["error_msg"]
     assert assert_envelope(responses["not a number"], 400, "AIS.0501")["error_msg"].startswith("query.n: ")
     assert assert_envelope(responses["store down"], 503, "AIS.0506")
+    assert app.state.metrics.registry.get_sample_value("imagetag_redis_errors_total") == 1  # for the alert
     assert responses["store down"].headers["Retry-After"] == "1"

@@ -21,12 +21,13 @@ def test_reports_become_metrics_and_every_outcome_exists_from_the_start():
     metrics.failed_batches.inc()  # as the worker's models do (engine_factory, tests/service/test_assembly.py)
     assert sample("imagetag_worker_failed_batches_total") == 1
     metrics.up(True)
-    metrics.batch(BatchStats(size=3, queue_wait_s=(0.1, 0.2, 0.3), model_s=0.4, queue_depth=0))
+    metrics.batch(BatchStats(size=3, queue_wait_s=(0.1, 0.2, 0.3), model_s=0.4, queue_depth=7))
     metrics.jobs("tagged", 3)
     assert sample("imagetag_worker_up") == 1
     assert sample("imagetag_worker_batches_total") == 1
     assert sample("imagetag_worker_batch_size_sum") == 3
     assert sample("imagetag_worker_model_seconds_sum") == 0.4
+    assert sample("imagetag_worker_queue_depth") == 7
     assert sample("imagetag_worker_jobs_total", {"outcome": "tagged"}) == 3
     metrics.up(False)
     assert sample("imagetag_worker_up") == 0
