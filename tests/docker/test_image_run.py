@@ -417,7 +417,7 @@ def test_the_images_healthcheck_passes_inside_it(image: Image, gateway: Gateway)
     command = image.archive.config["config"]["Healthcheck"]["Test"][1:]
     passed = image.container.run(*command, env=gateway.env)
     assert passed.returncode == 0, passed.stdout + passed.stderr
-    assert "/healthz: HTTP 200" in passed.stdout
+    assert "/readyz: HTTP 200" in passed.stdout  # ready: the models are loaded
     # and it does fail where nothing answers
     failed = image.container.run(*command, env={"IMAGETAG_PORT": str(free_port())})
     assert failed.returncode == 1, failed.stdout + failed.stderr
