@@ -180,14 +180,15 @@ class Placement:
 
 
 def letterbox_into(canvas: torch.Tensor, pixels: torch.Tensor) -> Placement:
-    """Places (3, H, W) uint8 `pixels` into `canvas` (3, S, S), already grey, as inference/detector.py
+    """Places (3, H, W) uint8 `pixels` (or a stack of images of one size, (N, 3, H, W)) into
+    `canvas` (3, S, S) (or (N, 3, S, S)), already grey, as inference/detector.py
     has ultralytics do it: an image smaller than S sits top-left at its own size (the fitted
     calibration depends on small images never being enlarged); a larger one is scaled down keeping
     its aspect (bilinear, like ultralytics' cv2 INTER_LINEAR) and centred, with ultralytics' rounding."""
     size = canvas.shape[-1]
     height, width = pixels.shape[-2:]
     if max(height, width) < size:
-        canvas[:, :height, :width] = pixels
+        canvas[..., :height, :width] = pixels
         return Placement(width, height, 0, 0, 1.0, 1.0)
     ratio = min(size / height, size / width)
     new_height, new_width = max(round(height * ratio), 1), max(round(width * ratio), 1)
@@ -195,5 +196,5 @@ def letterbox_into(canvas: torch.Tensor, pixels: torch.Tensor) -> Placement:
         pixels = F.resize(pixels, [new_height, new_width], interpolation=F.InterpolationMode.BILINEAR, antialias=False)
     top = round((size - new_height) / 2 - 0.1)
     left = round((size - new_width) / 2 - 0.1)
-    canvas[:, top : top + new_height, left : left + new_width] = pixels
+    canvas[..., top : top + new_height, left : left + new_width] = pixels
     return Placement(width, height, left, top, new_width / width, new_height / height)

@@ -29,6 +29,7 @@ import io
 import logging
 
 import torch
+import torchvision
 from PIL import Image
 
 from inference.classifier import CROP_PADDING, INPUT_SIZE, crop_and_resize, normalize
@@ -55,6 +56,17 @@ def bucket_sizes(max_batch: int) -> tuple[int, ...]:
 
 def bucket_for(count: int, buckets: tuple[int, ...]) -> int:
     return next(size for size in buckets if size >= count)
+
+
+def same_size_groups(images: list[torch.Tensor]) -> list[list[int]]:
+    """The images' indices, grouped by (height, width). A group is cropped, resized and
+    letterboxed in one call: on a GPU each call is launch-bound, so a group of photos of one camera
+    costs about what one photo does (image by image, the two took 17 ms of a batch of 128 on an
+    H200, more than the detector's 24)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(tuple(image.shape[-2:]), []).append(index)
+    return list(groups.values())
 
 
 class YoloNetwork:
@@ -89,13 +101,49 @@ class YoloNetwork:
     def detections(self, letterboxed: torch.Tensor) -> list[torch.Tensor]:
         """Per image of an (N, 3, S, S) uint8 batch, an (n, 6) tensor on the device: x1, y1, x2, y2
         in letterbox pixels, score, class."""
-        from ultralytics.utils.nms import non_max_suppression
-
         output = self.network(letterboxed.to(self.dtype).div_(255))
         predictions = output[0] if isinstance(output, (tuple, list)) else output
-        return non_max_suppression(
-            predictions, self.min_confidence, self.iou, max_det=self.max_detections, end2end=self.end2end
-        )
+        if self.end2end:
+            from ultralytics.utils.nms import non_max_suppression
+
+            return non_max_suppression(
+                predictions, self.min_confidence, self.iou, max_det=self.max_detections, end2end=True
+            )
+        return batched_nms(predictions, self.min_confidence, self.iou, self.max_detections)
+
+
+# Wider than any box in a letterbox: boxes of different images or classes, moved this far apart
+# for each, never overlap (ultralytics' own class offset).
+_GROUP_OFFSET = 7680.0
+
+
+def batched_nms(
+    predictions: torch.Tensor, min_confidence: float, iou: float, max_detections: int
+) -> list[torch.Tensor]:
+    """What ultralytics' `non_max_suppression` gives (best class per box, NMS per class, at most
+    `max_detections` per image, highest score first) for a (N, 4 + classes, anchors) YOLO output,
+    in one NMS call over the whole batch: ultralytics loops over the images in Python, which at
+    batch 128 on an H200 cost more than the detector itself (42 ms against 24; gpu_pipeline.py
+    --breakdown). Boxes are offset per (image, class) in float64, where offsets this large keep
+    every coordinate exact; in float16 they would not even be finite."""
+    batch, channels, _ = predictions.shape
+    classes = channels - 4
+    scores, labels = predictions[:, 4:].max(dim=1)
+    image, anchor = (scores > min_confidence).nonzero(as_tuple=True)
+    centre_size = predictions[image, :4, anchor].double()
+    corners = torch.cat([centre_size[:, :2] - centre_size[:, 2:] / 2, centre_size[:, :2] + centre_size[:, 2:] / 2], 1)
+    score, label = scores[image, anchor], labels[image, anchor]
+    group = (image * classes + label).double()
+    keep = torchvision.ops.nms(corners + group[:, None] * _GROUP_OFFSET, score.double(), iou)
+    # NMS keeps the highest scores first; a stable sort by image keeps that order within each.
+    keep = keep[torch.sort(image[keep], stable=True).indices]
+    kept_image = image[keep]
+    counts = torch.bincount(kept_image, minlength=batch)
+    first_of_image = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(keep), device=keep.device) - first_of_image[kept_image]
+    keep = keep[rank < max_detections]
+    rows = torch.cat([corners[keep].float(), score[keep, None].float(), label[keep, None].float()], 1)
+    return list(rows.split(counts.clamp(max=max_detections).tolist()))
 
 
 class DevicePipeline:
@@ -185,11 +233,7 @@ class DevicePipeline:
 
     @torch.inference_mode()
     def _run_batch(self, pixels: list[torch.Tensor]) -> list[list[ScoredTag]]:
-        bucket = self.batch_size_for(len(pixels))
-        classifier_input = torch.zeros((bucket, 3, INPUT_SIZE, INPUT_SIZE), dtype=torch.uint8, device=self.device)
-        for row, image in zip(classifier_input, pixels):
-            row.copy_(crop_and_resize(image))
-        logits = self.engine.classifier.logits(normalize(classifier_input))
+        logits = self.engine.classifier.logits(normalize(self.classifier_input(pixels)))
         boxes = self.detect(pixels)
         probabilities = logits[: len(pixels)].float().softmax(dim=-1).cpu().numpy()
         engine = self.engine
@@ -198,14 +242,48 @@ class DevicePipeline:
             for p, b in zip(probabilities, boxes)
         ]
 
+    def classifier_input(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        """The classifier's (bucket, 3, 260, 260) uint8 batch: each image centre-cropped and
+        resized, blank rows padding it to its bucket."""
+        batch = torch.zeros(
+            (self.batch_size_for(len(pixels)), 3, INPUT_SIZE, INPUT_SIZE), dtype=torch.uint8, device=self.device
+        )
+        for indices in same_size_groups(pixels):
+            if len(indices) == 1:
+                batch[indices[0]] = crop_and_resize(pixels[indices[0]])
+            else:
+                batch[indices] = crop_and_resize(torch.stack([pixels[i] for i in indices]))
+        return batch
+
+    def letterbox(self, pixels: list[torch.Tensor]) -> tuple[torch.Tensor, list[Placement]]:
+        """The detector's (bucket, 3, S, S) uint8 batch, grey where no image is, and where each
+        image sits in it."""
+        size = self.letterbox_size
+        canvas = torch.full(
+            (self.batch_size_for(len(pixels)), 3, size, size), LETTERBOX_GREY, dtype=torch.uint8, device=self.device
+        )
+        placed: dict[int, Placement] = {}
+        for indices in same_size_groups(pixels):
+            if len(indices) == 1:
+                placed[indices[0]] = letterbox_into(canvas[indices[0]], pixels[indices[0]])
+                continue
+            # Indexed by a list, the canvas gives a copy, not a view: fill one, then put it back.
+            group = torch.full((len(indices), 3, size, size), LETTERBOX_GREY, dtype=torch.uint8, device=self.device)
+            placement = letterbox_into(group, torch.stack([pixels[i] for i in indices]))
+            canvas[indices] = group
+            placed.update(dict.fromkeys(indices, placement))
+        return canvas, [placed[i] for i in range(len(pixels))]
+
     @torch.inference_mode()
     def detect(self, pixels: list[torch.Tensor]) -> list[list[Box]]:
         """Every detector's boxes for each decoded image, in its own pixels."""
+        largest = self.buckets[-1]
+        if len(pixels) > largest:
+            parts = [pixels[start : start + largest] for start in range(0, len(pixels), largest)]
+            return [boxes for part in parts for boxes in self.detect(part)]
         bucket = self.batch_size_for(len(pixels))
         found: list[list[Box]] = [[] for _ in pixels]
-        size = self.letterbox_size
-        letterboxed = torch.full((bucket, 3, size, size), LETTERBOX_GREY, dtype=torch.uint8, device=self.device)
-        placements = [letterbox_into(canvas, image) for canvas, image in zip(letterboxed, pixels)]
+        letterboxed, placements = self.letterbox(pixels)
         # Unpadded (a CPU), the network takes one image per call: CPU convolutions cost more per
         # image in a batch (README, Runtimes: 116 against 84 ms for YOLOv8n in PyTorch). With
         # fixed shapes (a GPU) the whole bucket goes at once.

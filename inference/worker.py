@@ -4,8 +4,10 @@ Each round takes up to `max_batch_size` jobs with XREADGROUP (now and then XAUTO
 worker that stopped answering instead), answers expired ones without the models, runs the rest
 through the models' `predict` (`inference.pipeline.DevicePipeline`: the job's bytes decoded on
 the device where it can) on the worker's model thread, adds each job's own result to its
-gateway's reply stream, then acks and deletes the entries. A worker reads only while its model
-thread is free, so waiting jobs go to whichever worker is idle rather than queue behind a busy one.
+gateway's reply stream, then acks and deletes the entries. A worker holds at most two rounds: one
+in the models, the next read and waiting for them, so that the device never waits on Redis; with
+the first answered while the second runs. Waiting jobs beyond that go to whichever worker is idle
+rather than queue behind a busy one.
 
 Delivery is at least once: a worker killed mid-batch leaves its jobs pending, and once they have
 been idle for the visibility timeout another worker claims and serves them. The gateway drops
@@ -57,6 +59,9 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 10
 _SWEEP_EVERY_S = 60.0
 # A live gateway reads its replies at once; the bound only caps what a stuck one can pile up.
 _REPLIES_MAX = 10_000
+# Served one after the other, a round's read and answer left an H200 idle between batches: at
+# batch 8, the worker answered 305 images/s with the GPU busy 19 % of the time.
+_ROUNDS_IN_HAND = 2
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 
@@ -154,32 +159,37 @@ class Worker:
     async def _serve(self, engine: ImageTagger) -> None:
         next_claim = next_sweep = time.monotonic()
         failures = 0
-        while not self._stopping.is_set():
-            try:
-                if not self._group_ready:
-                    await self._create_group()
-                    self._notify(lambda observer: observer.up(True))  # Redis answers: ready before the first read
-                entries: list[Entry] = []
-                if time.monotonic() >= next_claim:
-                    next_claim = time.monotonic() + self._claim_every_s
-                    entries = await self._claim()
-                if time.monotonic() >= next_sweep:
-                    next_sweep = time.monotonic() + _SWEEP_EVERY_S
-                    await self._forget_dead_consumers()
-                if not entries:
-                    entries = await self._read()
-                if entries:
-                    await self._handle(engine, entries)
-                failures = 0
-                self._notify(lambda observer: observer.up(True))
-            except RedisError as error:
-                # Jobs in hand stay pending and are claimed again after the visibility timeout.
-                if isinstance(error, ResponseError) and "NOGROUP" in str(error):
-                    self._group_ready = False  # Redis restarted empty, or the stream was deleted
-                failures += 1
-                self._notify(lambda observer: observer.up(False))
-                log.warning("Redis unavailable (%r); retrying", error)
-                await self._pause(min(0.1 * 2**failures, 2.0))
+        in_hand: list[asyncio.Task] = []
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if not self._group_ready:
+                        await self._create_group()
+                        self._notify(lambda observer: observer.up(True))  # Redis answers: ready before the first read
+                    await _at_most(in_hand, _ROUNDS_IN_HAND - 1)
+                    entries: list[Entry] = []
+                    if time.monotonic() >= next_claim:
+                        next_claim = time.monotonic() + self._claim_every_s
+                        entries = await self._claim()
+                    if time.monotonic() >= next_sweep:
+                        next_sweep = time.monotonic() + _SWEEP_EVERY_S
+                        await self._forget_dead_consumers()
+                    if not entries:
+                        entries = await self._read()
+                    if entries:
+                        in_hand.append(asyncio.create_task(self._handle(engine, entries), name="worker-round"))
+                    failures = 0
+                    self._notify(lambda observer: observer.up(True))
+                except RedisError as error:
+                    # Jobs in hand stay pending and are claimed again after the visibility timeout.
+                    if isinstance(error, ResponseError) and "NOGROUP" in str(error):
+                        self._group_ready = False  # Redis restarted empty, or the stream was deleted
+                    failures += 1
+                    self._notify(lambda observer: observer.up(False))
+                    log.warning("Redis unavailable (%r); retrying", error)
+                    await self._pause(min(0.1 * 2**failures, 2.0))
+        finally:
+            await asyncio.gather(*in_hand, return_exceptions=True)
 
     async def _create_group(self) -> None:
         channels = self._config.channels
@@ -359,6 +369,17 @@ class Worker:
             report(self._observer)
         except Exception:
             log.exception("the worker metrics hook failed")
+
+
+async def _at_most(rounds: list[asyncio.Task], count: int) -> None:
+    """Waits until no more than `count` of `rounds` are unfinished, and leaves only those in it.
+    A finished round's error (Redis's, while answering) is raised here, in the serving loop."""
+    while sum(not task.done() for task in rounds) > count:
+        await asyncio.wait([task for task in rounds if not task.done()], return_when=asyncio.FIRST_COMPLETED)
+    finished = [task for task in rounds if task.done()]
+    rounds[:] = [task for task in rounds if not task.done()]
+    for task in finished:
+        task.result()
 
 
 def _predict(engine: ImageTagger, images: list[bytes]) -> list[TagResult]:

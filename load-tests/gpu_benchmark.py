@@ -109,6 +109,7 @@ class Report:
     gpu_sampler: str | None = None
     ceilings: list[Ceiling] = field(default_factory=list)
     fusion_ms_per_image: float | None = None
+    breakdown: dict | None = None  # the pipeline's steps on one batch of the largest size (gpu_pipeline.py)
     points: list[Point] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -184,12 +185,14 @@ def ceilings(report: Report, args: argparse.Namespace, env: dict[str, str]) -> N
         out, log = Path(scratch) / "ceilings.json", Path(scratch) / "ceilings.log"
         process = spawn([sys.executable, str(REPO / "load-tests" / "gpu_pipeline.py"), "--weights", str(weights),
                          "--batch-sizes", args.batch_sizes, "--seconds", str(args.ceiling_seconds),
-                         "--skip-reference", "--json", str(out)], env, log)
+                         "--skip-reference", "--breakdown", args.batch_sizes.split(",")[-1], "--json", str(out)],
+                        env, log)
         if process.wait() != 0:
             raise RuntimeError(f"gpu_pipeline.py failed:\n{log.read_text()[-3000:]}")
         result = json.loads(out.read_text())
     report.device, report.gpu = result["device"], result["gpu"]
     report.fusion_ms_per_image = result["fusion_ms_per_image"]
+    report.breakdown = result["breakdown"]
     report.ceilings = [Ceiling(**row) for row in result["rows"]]
     for c in report.ceilings:
         peak = f", peak GPU {c.peak_gpu_mb:.0f} MB" if c.peak_gpu_mb is not None else ""
@@ -303,6 +306,10 @@ def markdown(report: Report) -> str:
         lines.append(f"| {c.stage} | {c.batch_size} | {c.images_per_s:.1f} | {c.median_batch_ms:.1f} | {peak} |")
     if report.fusion_ms_per_image is not None:
         lines += ["", f"Fusion alone: {report.fusion_ms_per_image:.3f} ms per image."]
+    if report.breakdown:
+        lines += ["", f"The pipeline step by step, batch {report.breakdown['batch_size']} (median, synchronised after "
+                  "each step):", "", "| step | ms per batch |", "|---|---|"]
+        lines += [f"| {name} | {ms:.2f} |" for name, ms in report.breakdown["steps_ms"].items()]
     lines += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row(p)) + " |" for p in report.points]
     lines += ["", "| target | measured | met |", "|---|---|---|"]

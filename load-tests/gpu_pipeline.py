@@ -6,7 +6,9 @@
   models, NMS, fusion), no HTTP: the in-process ceiling;
 - reference: what the service did per batch before the pipeline served, PIL decode then
   `TaggingEngine.predict`;
-- fusion alone: `fuse()` per image, on the pipeline's own model outputs.
+- fusion alone: `fuse()` per image, on the pipeline's own model outputs;
+- with `--breakdown N`: the milliseconds of each step of the pipeline on one batch of N, the
+  device synchronised after each step, so the step that is the wall shows.
 
 Each at several batch sizes, over the real photos of tests/photos and tests/evalset/photos,
 printing images/s and, on CUDA, the peak GPU memory of each measurement (`--json` writes them too;
@@ -18,6 +20,7 @@ printing images/s and, on CUDA, the peak GPU memory of each measurement (`--json
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import sys
@@ -30,13 +33,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from inference.classifier import INPUT_SIZE, crop_and_resize, normalize  # noqa: E402
-from inference.device_images import decode_images  # noqa: E402
+from inference.classifier import INPUT_SIZE, normalize  # noqa: E402
+from inference.device_images import decode_for_models, decode_images  # noqa: E402
 from inference.devices import resolve_device  # noqa: E402
 from inference.engine import EngineConfig, TaggingEngine  # noqa: E402
 from inference.fusion import fuse  # noqa: E402
 from inference.image_header import decode_with_pil  # noqa: E402
-from inference.pipeline import DevicePipeline  # noqa: E402
+from inference.pipeline import DevicePipeline, _boxes, batched_nms  # noqa: E402
 
 
 def photo_bytes(limit: int) -> list[bytes]:
@@ -97,6 +100,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch/OpenVINO threads on a CPU")
     parser.add_argument("--skip-reference", action="store_true", help="leave out PIL + TaggingEngine.predict")
     parser.add_argument("--json", type=Path, help="also write the measurements here (for gpu_benchmark.py)")
+    parser.add_argument("--breakdown", type=int, metavar="N", help="also time each step of the pipeline on batches of N")
     args = parser.parse_args()
 
     if args.threads:
@@ -160,12 +164,18 @@ def main() -> int:
         print_row(stage, size, result, markdown=True)
     fusion_ms = fusion_ms_per_image(pipeline, photos[: min(32, pipeline.buckets[-1])])
     print(f"fusion alone: {fusion_ms:.3f} ms per image (fuse(), on the pipeline's outputs)")
+    steps = breakdown(pipeline, batch(0, args.breakdown)) if args.breakdown else []
+    if steps:
+        print(f"\nthe pipeline step by step, batch {args.breakdown} (median of 10, synchronised after each step):")
+        for name, ms in steps:
+            print(f"  {name:36s} {ms:8.2f} ms")
     if args.json:
         args.json.write_text(json.dumps({
             "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "rows": [{"stage": stage, "batch_size": size, **result} for stage, size, result in rows],
             "fusion_ms_per_image": fusion_ms,
+            "breakdown": {"batch_size": args.breakdown, "steps_ms": dict(steps)} if steps else None,
         }))
     return 0
 
@@ -182,10 +192,58 @@ def print_row(stage: str, size: int, result: dict[str, float], markdown: bool = 
         )
 
 
+def breakdown(pipeline: DevicePipeline, datas: list[bytes], rounds: int = 10) -> list[tuple[str, float]]:
+    """Median milliseconds of each step of `DevicePipeline.predict` on `datas` (one batch, the
+    first detector), the device synchronised after each step; the first round is a warm-up."""
+    device, engine, network = pipeline.device, pipeline.engine, pipeline.detectors[0]
+    timings: dict[str, list[float]] = collections.defaultdict(list)
+
+    def step(name: str, run: Callable[[], object]) -> object:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        out = run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings[name].append(1000 * (time.perf_counter() - begin))
+        return out
+
+    def letterbox() -> torch.Tensor:
+        canvas, placed = pipeline.letterbox(pixels)
+        placements.extend(placed)
+        return canvas
+
+    def boxes_and_fusion() -> None:
+        per_image = rows.split(counts)
+        for p, image_rows, placement in zip(probabilities, per_image, placements):
+            fuse(engine.vocabulary, p, _boxes(image_rows, placement, network.names), engine.detector_keys,
+                 engine.calibration)
+
+    with torch.inference_mode():
+        for _ in range(rounds + 1):
+            decoded = step("decode (nvJPEG or PIL, reduce)",
+                           lambda: decode_for_models(datas, device, None, pipeline.model_input))
+            pixels = [image.pixels for image in decoded]
+            placements: list = []
+            inputs = step("classifier crop + resize + normalize",
+                          lambda: normalize(pipeline.classifier_input(pixels)))
+            logits = step("classifier network", lambda: engine.classifier.logits(inputs))
+            letterboxed = step("detector letterbox", letterbox)
+            output = step("detector network", lambda: network.network(letterboxed.to(network.dtype).div_(255)))
+            predictions = output[0] if isinstance(output, (tuple, list)) else output
+            found = step("NMS", lambda: batched_nms(predictions, network.min_confidence, network.iou,
+                                                     network.max_detections))
+            counts = [len(d) for d in found]
+            probabilities, rows = step("results to the CPU", lambda: (
+                logits.float().softmax(dim=-1).cpu().numpy(), torch.cat(found).cpu()))
+            step("boxes + fusion (CPU)", boxes_and_fusion)
+    return [(name, statistics.median(times[1:])) for name, times in timings.items()]
+
+
 def fusion_ms_per_image(pipeline: DevicePipeline, photos: list[bytes], rounds: int = 5) -> float:
     engine = pipeline.engine
     decoded = [image for image in decode_images(photos, pipeline.device) if isinstance(image, torch.Tensor)]
-    batch = torch.stack([normalize(crop_and_resize(image)) for image in decoded])
+    batch = normalize(pipeline.classifier_input(decoded))
     probabilities = engine.classifier.logits(batch).float().softmax(dim=-1).cpu().numpy()
     boxes = pipeline.detect(decoded)
     started = time.perf_counter()

@@ -37,6 +37,24 @@ log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[], ImageTagger]
 
+# A CPU gains nothing from larger batches and a request waits for its whole batch. A GPU is
+# launch-bound below a few dozen images: on an H200 the device pipeline gave 871 images/s at
+# batch 32 and 994 at 128 (load-tests/gpu_pipeline.py), and at 8, today's CPU default, the
+# worker answered 305 images/s (load-tests/gpu_benchmark.py). 64 also fits IMAGETAG_QUEUE_MAX's
+# default, so the embedded batcher can fill it.
+CPU_BATCH_SIZE = 8
+GPU_BATCH_SIZE = 64
+
+
+def model_batch_size(settings: Settings) -> int:
+    """`IMAGETAG_BATCH_MAX_SIZE`, else the default for the device this process's models run on
+    (the embedded service's, a worker's: a remote gateway has none and never asks)."""
+    if settings.batch_max_size is not None:
+        return settings.batch_max_size
+    from inference.devices import resolve_device
+
+    return GPU_BATCH_SIZE if resolve_device(settings.device).type == "cuda" else CPU_BATCH_SIZE
+
 
 @dataclass
 class Components:
@@ -151,7 +169,7 @@ def build_inference(
     from inference.batching import BatchingConfig, BatchingInference
 
     config = BatchingConfig(
-        max_batch_size=settings.batch_max_size,
+        max_batch_size=model_batch_size(settings),
         max_wait_s=settings.batch_max_wait_s,
         max_queue=settings.queue_max,
         default_timeout_s=settings.request_timeout_s,
@@ -176,7 +194,7 @@ def engine_factory(settings: Settings, failed_batches: FailureCounter | None = N
 
         return DevicePipeline.build(
             settings.engine_config(),
-            max_batch=settings.batch_max_size,
+            max_batch=model_batch_size(settings),
             failed_batches=failed_batches,
             side_limits=(settings.min_image_side, settings.max_image_side),
         )
@@ -194,7 +212,7 @@ def build_worker(
     from inference.worker import Worker, WorkerConfig
 
     config = WorkerConfig(
-        max_batch_size=settings.batch_max_size,
+        max_batch_size=model_batch_size(settings),
         max_wait_s=settings.batch_max_wait_s,
         heartbeat_s=settings.worker_heartbeat_s,
         visibility_timeout_s=settings.job_visibility_timeout_s,

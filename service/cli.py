@@ -312,13 +312,15 @@ async def _tag_files(files: list[Path], options: TaggingOptions, settings: Setti
     from tqdm import tqdm
 
     from inference.detector import DetectorLoadError
-    from service.assembly import build_inference, build_tagging
+    from service.assembly import CPU_BATCH_SIZE, build_inference, build_tagging, model_batch_size
     from service.backends import redis_client
     from service.errors import DownloadFailed, ServiceError, error_body
 
     started = time.monotonic()
     # A second model replica pays only when there is a second batch to run beside the first.
-    replicas = min(settings.model_replicas, -(-len(files) // settings.batch_max_size))
+    # Remote, the batches are the workers': this only bounds how many files are sent at once.
+    batch_size = model_batch_size(settings) if settings.inference == "local" else settings.batch_max_size or CPU_BATCH_SIZE
+    replicas = min(settings.model_replicas, -(-len(files) // batch_size))
     settings = settings.model_copy(update={"model_replicas": replicas})
     redis = redis_client(settings) if settings.inference == "remote" else None
     inference = build_inference(settings, redis)
@@ -330,7 +332,7 @@ async def _tag_files(files: list[Path], options: TaggingOptions, settings: Setti
             return 1
         tagger = build_tagging(settings, inference)
         # Enough in flight to fill batches, never more than the queue takes.
-        in_flight = asyncio.Semaphore(min(settings.queue_max, 2 * settings.batch_max_size * settings.model_replicas))
+        in_flight = asyncio.Semaphore(min(settings.queue_max, 2 * batch_size * settings.model_replicas))
 
         async def tag_one(path: Path) -> dict:
             async with in_flight:

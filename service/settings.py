@@ -127,7 +127,9 @@ class Settings(BaseSettings):
     inference: Literal["local", "remote"] = Field(
         "local", description="local: models in this process; remote: jobs to workers via IMAGETAG_REDIS_URL"
     )
-    batch_max_size: int = Field(8, ge=1, le=256)
+    batch_max_size: int | None = Field(
+        None, ge=1, le=256, description="images per model call; unset: 8 on a CPU, 64 on a GPU (service/assembly.py)"
+    )
     # No waiting by default: a batch forms anyway from what queues while the models are busy, and
     # waiting for company only adds latency when the service is not (load-tests/benchmark.py).
     batch_max_wait_s: float = Field(0.0, ge=0, le=1)

@@ -40,8 +40,10 @@ class Tolerance:
 # 1 px) but for a large, low-scored box whose edge moved 4.8 px (IoU 0.99).
 CPU = Tolerance(tag=0.02, box_pixels=3.0, iou=0.95, score=0.02)
 # float16 box coordinates step by 0.5 px near the letterbox's far edge, 0.8 px once mapped back
-# onto a 1024-pixel photo.
-HALF = Tolerance(tag=0.03, box_pixels=5.0, iou=0.9, score=0.03)
+# onto a 1024-pixel photo. Scores: on an H200 (2026-12-01) the device pipeline scored a skateboard
+# 0.421 where the CPU reference has 0.456: nvJPEG's pixels differ from libjpeg's by a level or
+# two before float16 rounds them, which the engine test (PIL's pixels on CUDA) does not see.
+HALF = Tolerance(tag=0.03, box_pixels=5.0, iou=0.9, score=0.05)
 
 
 def borderline_boxes(found: list[Box], expected: list[Box], threshold: float, tolerance: Tolerance) -> list[Box]:

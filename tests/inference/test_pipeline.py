@@ -17,10 +17,11 @@ from PIL import Image
 from prometheus_client import CollectorRegistry, Counter
 from ultralytics.nn.autobackend import AutoBackend
 
-from inference.device_images import decode_images
+from inference.device_images import LETTERBOX_GREY, decode_images, letterbox_into
 from inference.engine import EngineConfig, TaggingEngine
 from inference.image_header import decode_with_pil
-from inference.pipeline import DevicePipeline
+from inference.classifier import crop_and_resize
+from inference.pipeline import DevicePipeline, batched_nms, same_size_groups
 from inference.results import ModelError, UndecodableImage
 from tests.conftest import DETECTOR_WEIGHTS, PHOTOS, SHARED_WEIGHTS
 from tests.inference.agreement import CPU, HALF, Tolerance, _same_place, assert_same_answers, assert_same_tags
@@ -66,6 +67,47 @@ def assert_same_as_the_reference(
 
 def test_the_yolo_network_called_directly_gives_the_engines_tags_and_boxes(torch_engine, photos):
     assert_same_as_the_reference(DevicePipeline(torch_engine, max_batch=8), torch_engine, photos, CPU)
+
+
+@pytest.mark.parametrize(("min_confidence", "max_detections"), [(0.25, 300), (0.001, 7)])
+def test_one_nms_over_the_batch_keeps_what_ultralytics_keeps_image_by_image(
+    torch_engine, photos, min_confidence, max_detections
+):
+    from ultralytics.utils.nms import non_max_suppression
+
+    network = DevicePipeline(torch_engine).detectors[0]
+    pixels = decode_images(photos[:6], torch.device("cpu"))
+    letterboxed = torch.full((len(pixels), 3, 640, 640), LETTERBOX_GREY, dtype=torch.uint8)
+    for canvas, image in zip(letterboxed, pixels):
+        letterbox_into(canvas, image)
+    with torch.inference_mode():
+        predictions = network.network(letterboxed.float().div_(255))[0]
+        ours = batched_nms(predictions, min_confidence, network.iou, max_detections)
+        theirs = non_max_suppression(predictions, min_confidence, network.iou, max_det=max_detections)
+    assert [len(rows) for rows in ours] == [len(rows) for rows in theirs]
+    assert sum(len(rows) for rows in ours) > len(ours)
+    if max_detections == 7:
+        assert all(len(rows) == 7 for rows in ours)  # the limit applies per image
+    for mine, expected in zip(ours, theirs):
+        torch.testing.assert_close(mine, expected, rtol=0, atol=1e-4)
+
+
+def test_images_of_one_size_are_prepared_together_exactly_as_one_by_one(torch_engine, photos):
+    pipeline = DevicePipeline(torch_engine, max_batch=8, pad_to_buckets=True)
+    small = Image.open(PHOTOS / "bus.jpg").resize((320, 427))  # under the letterbox: placed, not scaled
+    encoded = io.BytesIO()
+    small.save(encoded, "JPEG")
+    datas = [photos[0], photos[1], photos[0], encoded.getvalue(), photos[2], encoded.getvalue(), photos[0]]
+    pixels = decode_images(datas, torch.device("cpu"))
+    assert sorted(map(len, same_size_groups(pixels)))[-2:] == [2, 3]
+    batch = pipeline.classifier_input(pixels)
+    canvas, placements = pipeline.letterbox(pixels)
+    assert batch.shape[0] == canvas.shape[0] == 8 and not batch[7].any() and (canvas[7] == LETTERBOX_GREY).all()
+    for row, letterboxed, placement, image in zip(batch, canvas, placements, pixels):
+        assert torch.equal(row, crop_and_resize(image))
+        alone = torch.full_like(letterboxed, LETTERBOX_GREY)
+        assert letterbox_into(alone, image) == placement
+        assert torch.equal(letterboxed, alone)
 
 
 def test_the_comparison_catches_a_different_picture(torch_engine):
@@ -127,6 +169,9 @@ def test_a_batch_of_three_runs_as_four_and_every_bucket_is_warmed(torch_engine, 
         seen.clear()
         assert len(pipeline.predict(photos[:5])) == 5
         assert seen == [4, 1]  # more than the largest bucket: run in parts, never a new shape
+        seen.clear()
+        assert len(pipeline.detect(decode_images(photos[:5], pipeline.device))) == 5
+        assert seen == [4, 1]
     finally:
         hook.remove()
     assert len(results) == 3

@@ -4,11 +4,13 @@ is answered and reported. `test_remote.py` runs real `imagetag worker` processes
 from __future__ import annotations
 
 import asyncio
+import threading
 
 from redis.asyncio import Redis
 
 from inference.batching import BatchStats
 from inference.results import ImageTooLarge, ModelError, ScoredTag, UndecodableImage
+from inference.remote import Channels
 from inference.worker import Worker, WorkerConfig
 from tests.conftest import RedisProcess
 from tests.inference.test_batching import png
@@ -99,3 +101,53 @@ def test_a_round_of_jobs_runs_within_the_pixel_budget_and_an_image_over_it_is_re
     # Across the wire as its own kind: the gateway answers it 400 AIS.0504, not 500.
     assert isinstance(refused, ImageTooLarge) and "0.04 megapixels" in str(refused)
     assert sum(engine.calls) == 3 and max(engine.calls) <= 2
+
+
+class HeldEngine(StandInEngine):
+    """Holds each batch in the models until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.sizes: list[int] = []
+
+    def predict(self, images):
+        self.sizes.append(len(images))
+        assert self.release.wait(10)
+        return super().predict(images)
+
+
+def test_the_next_round_is_read_while_one_is_in_the_models_and_no_more(redis_server: RedisProcess):
+    """The device must not wait on Redis between batches, nor one worker hoard the queue."""
+    url = fresh_db(redis_server, 6)
+    engine = HeldEngine()
+    channels = Channels()
+
+    async def scenario() -> tuple[list[int], int, list]:
+        client = Redis.from_url(url)
+        worker = Worker(client, lambda: engine, WorkerConfig(heartbeat_s=0.2, max_batch_size=1), Recorder())
+        running = asyncio.create_task(worker.run())
+        try:
+            async with gateway(url) as inference:
+                tagging = asyncio.create_task(inference.tag([photo("bus.jpg")] * 3))
+
+                async def delivered() -> int:
+                    return (await client.xpending(channels.stream, channels.group))["pending"]
+
+                deadline = asyncio.get_running_loop().time() + 10
+                while await delivered() < 2:
+                    assert asyncio.get_running_loop().time() < deadline, "the second round was never read"
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.3)  # time enough to read a third, were it allowed
+                in_hand, sizes = await delivered(), list(engine.sizes)
+                engine.release.set()
+                return sizes, in_hand, await tagging
+        finally:
+            engine.release.set()
+            worker.stop()
+            await asyncio.wait_for(running, 10)
+            await client.aclose()
+
+    sizes, in_hand, results = asyncio.run(scenario())
+    assert sizes == [1] and in_hand == 2  # one in the models, one read and waiting
+    assert all([t.tag.key for t in result] == ["cat"] for result in results)
+    assert engine.sizes == [1, 1, 1]

@@ -17,7 +17,7 @@ from inference.device_images import decode_images
 from inference.pipeline import DevicePipeline
 from inference.remote import Channels, RemoteInference, encode_result, parse_job
 from inference.results import ModelError
-from service.assembly import build_components, engine_factory
+from service.assembly import CPU_BATCH_SIZE, GPU_BATCH_SIZE, build_components, engine_factory, model_batch_size
 from service.metrics import Metrics
 from service.settings import Settings
 from tests.conftest import DETECTOR_WEIGHTS, PHOTOS, REPO
@@ -138,3 +138,14 @@ def test_a_remote_gateway_builds_and_serves_without_the_model_libraries(tmp_path
     assert [p["name"] for p in served["body"]["result"]["tags"][0]["parents"]] == ["mammal", "animal"]
     assert served["loaded"] == []  # label_structure's vocabulary included
     assert served["models"] == "detector=sha256:d1"  # named by the worker that answered
+
+
+def test_batches_default_to_the_devices_size_and_the_setting_wins(tmp_path):
+    def size(**settings) -> int:
+        return model_batch_size(Settings(data_dir=tmp_path, redis_url=None, **settings))
+
+    assert size(device="cpu") == CPU_BATCH_SIZE == 8
+    assert size(device="cpu", batch_max_size=32) == 32
+    if torch.cuda.is_available():
+        assert size(device="cuda") == GPU_BATCH_SIZE == 64
+        assert size(device="cuda", batch_max_size=4) == 4
