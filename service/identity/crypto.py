@@ -103,7 +103,10 @@ def new_secret_key() -> str:
 
 
 def new_token() -> str:
-    return secrets.token_urlsafe(48)
+    # One in 64 would start with "-", which `imagetag admin tokens revoke TOKEN` reads as an option.
+    while (token := secrets.token_urlsafe(48)).startswith("-"):
+        pass
+    return token
 
 
 def token_digest(token: str) -> str:

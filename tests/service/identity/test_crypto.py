@@ -36,3 +36,9 @@ def test_identifiers_have_the_clouds_shapes():
     assert re.fullmatch(r"[A-Za-z0-9]{40}", crypto.new_secret_key())
     token = crypto.new_token()
     assert crypto.token_digest(token) == crypto.token_digest(token) != token
+
+
+def test_no_token_starts_with_a_dash_so_the_admin_command_line_takes_it():
+    tokens = {crypto.new_token() for _ in range(2000)}  # one in 64 would, were it left to chance
+    assert len(tokens) == 2000 and not any(token.startswith("-") for token in tokens)
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{64}", token) for token in tokens)
