@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from inference.device_images import letterbox_shape
 from inference.results import Box
 
 
@@ -25,7 +26,7 @@ def require_weights(weights: Path) -> None:
 # Ultralytics' own letterbox colour, so padding looks like the padding the network was trained on.
 _LETTERBOX_GREY = (114, 114, 114)
 
-# Formats whose exported graph has a fixed batch size of one.
+# Formats whose exported graph has a fixed batch size of one and a fixed square input.
 _SINGLE_IMAGE_SUFFIXES = (".tflite",)
 
 
@@ -40,9 +41,11 @@ class Detector:
         min_confidence: float,
         upscale_small: bool = False,
     ) -> None:
-        """Every image is letterboxed to the square `image_size`, as inference/pipeline.py does
-        on every device (not ultralytics' tightest rectangle for a lone image): CPU and CUDA, one
-        image or a batch, the network sees the same picture, and the calibration was fitted on it."""
+        """Every image is letterboxed to the smallest of a fixed set of shapes it fits
+        (`device_images.letterbox_shapes`: the square `image_size` and its 4:3 rectangles), as
+        inference/pipeline.py does on every device (not ultralytics' tightest rectangle for a lone
+        image): CPU and CUDA, one image or a batch, the network sees the same picture, and the
+        calibration was fitted on it."""
         require_weights(weights)
         from inference.runtimes import keep_runtimes_offline
 
@@ -65,6 +68,7 @@ class Detector:
         # only a GPU gains from batching here.
         self.batched = device.type == "cuda" and not str(weights).endswith(_SINGLE_IMAGE_SUFFIXES)
         self.half = device.type == "cuda"
+        self.rectangles = not str(weights).endswith(_SINGLE_IMAGE_SUFFIXES)
 
     def backend(self) -> torch.nn.Module:
         """Ultralytics' `AutoBackend` for these weights, as its predictor sets it up (the
@@ -80,28 +84,38 @@ class Detector:
         return [self._predict([image])[0] for image in images]
 
     def _predict(self, images: list[Image.Image]) -> list[list[Box]]:
-        sizes = [image.size for image in images]
-        if not self.upscale_small:
-            images = [self._pad_small(image) for image in images]
-        results = self.model.predict(
-            images,
-            imgsz=self.image_size,
-            conf=self.min_confidence,
-            device=self.device,
-            half=self.half,
-            rect=False,
-            verbose=False,
-        )
-        return [self._boxes(result, size) for result, size in zip(results, sizes)]
+        shapes = [
+            letterbox_shape(image.height, image.width, self.image_size, self.rectangles, self.upscale_small)
+            for image in images
+        ]
+        found: list[list[Box]] = [[] for _ in images]
+        for shape in dict.fromkeys(shapes):
+            indices = [i for i, s in enumerate(shapes) if s == shape]
+            group = [images[i] for i in indices]
+            if not self.upscale_small:
+                group = [self._pad_small(image, shape) for image in group]
+            results = self.model.predict(
+                group,
+                imgsz=list(shape),
+                conf=self.min_confidence,
+                device=self.device,
+                half=self.half,
+                rect=False,
+                verbose=False,
+            )
+            for i, result in zip(indices, results):
+                found[i] = self._boxes(result, images[i].size)
+        return found
 
-    def _pad_small(self, image: Image.Image) -> Image.Image:
-        """An image smaller than the network input, placed top-left on a grey square of the input
-        size, so the letterbox does not enlarge it: YOLO was trained on objects at photo scale, and
-        a 50-pixel fruit blown up to 640 pixels comes back as a "person" (measured in
-        load-tests/fit_calibration.py, which compares both ways on the fitting photos)."""
+    def _pad_small(self, image: Image.Image, shape: tuple[int, int]) -> Image.Image:
+        """An image smaller than the network input, placed top-left on a grey canvas of its
+        letterbox shape, so the letterbox does not enlarge it: YOLO was trained on objects at
+        photo scale, and a 50-pixel fruit blown up to 640 pixels comes back as a "person" (measured
+        in load-tests/fit_calibration.py, which compares both ways on the fitting photos)."""
         if max(image.size) >= self.image_size:
             return image
-        canvas = Image.new("RGB", (self.image_size, self.image_size), _LETTERBOX_GREY)
+        height, width = shape
+        canvas = Image.new("RGB", (width, height), _LETTERBOX_GREY)
         canvas.paste(image, (0, 0))
         return canvas
 

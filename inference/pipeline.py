@@ -7,18 +7,19 @@ classifier's crop and resize and the detector's letterbox made there; both model
 batch (half precision on CUDA); NMS there over the whole batch; one transfer back for fusion.
 
 Stalls it avoids: every new input shape can cost a cuDNN algorithm search, so batches run only at
-bucketed sizes (1, 2, 4, ... up to `max_batch`, padded with blank images) and one letterbox size,
-and `warm_up()` runs every bucket once at start. A batch that fails is logged and counted before
+bucketed sizes (1, 2, 4, ... up to `max_batch`, padded with blank images) and at three letterbox
+shapes, and `warm_up()` runs every bucket at every shape once at start. A batch that fails is logged and counted before
 its images are retried one by one, so it shows up as an error, not as slowness.
 
 Ultralytics' predictor (which letterboxes on the CPU, one image at a time) is not on this path:
 `.pt` detectors run their network directly; exported ones (ONNX, OpenVINO, TFLite) run through
 the `AutoBackend` ultralytics loaded them into, on the letterbox made here.
 
-The letterbox is the square input, on every device and for every format, so CPU and CUDA see
-the same picture and their boxes agree; `TaggingEngine` (through ultralytics' predictor, the
-reference the tests hold this module to) pads the same way, and the shipped calibration was
-fitted on it (load-tests/fit_calibration.py).
+The letterbox is the smallest of three fixed shapes an image fits (the square input and its 4:3
+landscape and portrait, `device_images.letterbox_shapes`; the square alone for a fixed-shape
+TFLite graph), on every device, so CPU and CUDA see the same picture and their boxes agree;
+`TaggingEngine` (through ultralytics' predictor, the reference the tests hold this module to) pads
+the same way, and the shipped calibration was fitted on it (load-tests/fit_calibration.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import copy
 import dataclasses
 import io
 import logging
+from typing import NamedTuple
 
 import torch
 import torchvision
@@ -35,7 +37,16 @@ from PIL import Image
 from inference.classifier import CROP_PADDING, INPUT_SIZE, crop_and_resize, normalize
 from inference.client import FailureCounter
 from inference.detector import Detector
-from inference.device_images import LETTERBOX_GREY, Decoded, Placement, decode_for_models, decode_images, letterbox_into
+from inference.device_images import (
+    LETTERBOX_GREY,
+    Decoded,
+    Placement,
+    decode_for_models,
+    decode_images,
+    letterbox_into,
+    letterbox_shape,
+    letterbox_shapes,
+)
 from inference.engine import EngineConfig, TaggingEngine, run_or_retry_each
 from inference.fusion import fuse
 from inference.image_header import ImageRejected, ModelInput
@@ -69,6 +80,16 @@ def same_size_groups(images: list[torch.Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
+class Letterboxed(NamedTuple):
+    """Images of one letterbox shape, as the detector takes them."""
+
+    indices: list[int]
+    """Which of the batch's images, in the order of `batch`'s rows."""
+    batch: torch.Tensor
+    """(bucket, 3, H, W) uint8, grey rows padding it to its bucket."""
+    placements: list[Placement]
+
+
 class YoloNetwork:
     """A detector's network called directly on a letterboxed batch on the device, with
     ultralytics' own NMS and its predictor's settings (IoU, max detections).
@@ -82,6 +103,8 @@ class YoloNetwork:
         from ultralytics.utils import DEFAULT_CFG
 
         self.names = detector.names
+        self.rectangles = detector.rectangles
+        self.shapes = letterbox_shapes(detector.image_size, detector.rectangles)
         self.min_confidence = detector.min_confidence
         self.iou = DEFAULT_CFG.iou
         self.max_detections = DEFAULT_CFG.max_det
@@ -192,15 +215,17 @@ class DevicePipeline:
         return bucket_for(count, self.buckets) if self.pad_to_buckets else count
 
     def warm_up(self) -> None:
-        """Runs every bucket once, so no request pays for a first-time shape (cuDNN's algorithm
-        search, lazy kernels) or for nvJPEG's setup."""
-        # Larger than the letterbox, so the resize kernels load now too, not on the first photo.
-        grey = Image.new("RGB", (self.letterbox_size + 160, self.letterbox_size), (127, 127, 127))
-        encoded = io.BytesIO()
-        grey.save(encoded, "JPEG")
-        (pixels,) = decode_images([encoded.getvalue()], self.device)
-        for size in self.buckets if self.pad_to_buckets else (1,):
-            self._run_batch([pixels] * size)
+        """Runs every bucket at every letterbox shape once, so no request pays for a first-time
+        shape (cuDNN's algorithm search, lazy kernels) or for nvJPEG's setup."""
+        shapes = dict.fromkeys(shape for network in self.detectors for shape in network.shapes)
+        for height, width in shapes or [(self.letterbox_size, self.letterbox_size)]:
+            # A quarter larger than its letterbox, so the resize kernels load now too.
+            grey = Image.new("RGB", (width * 5 // 4, height * 5 // 4), (127, 127, 127))
+            encoded = io.BytesIO()
+            grey.save(encoded, "JPEG")
+            (pixels,) = decode_images([encoded.getvalue()], self.device)
+            for size in self.buckets if self.pad_to_buckets else (1,):
+                self._run_batch([pixels] * size)
 
     def predict(self, datas: list[bytes]) -> list[TagResult]:
         """One result per image, in order; batches longer than the largest bucket run in parts."""
@@ -255,24 +280,32 @@ class DevicePipeline:
                 batch[indices] = crop_and_resize(torch.stack([pixels[i] for i in indices]))
         return batch
 
-    def letterbox(self, pixels: list[torch.Tensor]) -> tuple[torch.Tensor, list[Placement]]:
-        """The detector's (bucket, 3, S, S) uint8 batch, grey where no image is, and where each
-        image sits in it."""
+    def letterbox(self, pixels: list[torch.Tensor], rectangles: bool = True) -> list[Letterboxed]:
+        """The images, grouped by letterbox shape (`device_images.letterbox_shape`; the square
+        alone without `rectangles`), each group a (bucket, 3, H, W) uint8 batch, grey where no
+        image is, with where each image sits in it."""
         size = self.letterbox_size
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(pixels):
+            height, width = image.shape[-2:]
+            by_shape.setdefault(letterbox_shape(height, width, size, rectangles), []).append(index)
+        return [self._letterbox_shape([pixels[i] for i in indices], indices, shape) for shape, indices in by_shape.items()]
+
+    def _letterbox_shape(self, pixels: list[torch.Tensor], indices: list[int], shape: tuple[int, int]) -> Letterboxed:
         canvas = torch.full(
-            (self.batch_size_for(len(pixels)), 3, size, size), LETTERBOX_GREY, dtype=torch.uint8, device=self.device
+            (self.batch_size_for(len(pixels)), 3, *shape), LETTERBOX_GREY, dtype=torch.uint8, device=self.device
         )
         placed: dict[int, Placement] = {}
-        for indices in same_size_groups(pixels):
-            if len(indices) == 1:
-                placed[indices[0]] = letterbox_into(canvas[indices[0]], pixels[indices[0]])
+        for same_size in same_size_groups(pixels):
+            if len(same_size) == 1:
+                placed[same_size[0]] = letterbox_into(canvas[same_size[0]], pixels[same_size[0]])
                 continue
             # Indexed by a list, the canvas gives a copy, not a view: fill one, then put it back.
-            group = torch.full((len(indices), 3, size, size), LETTERBOX_GREY, dtype=torch.uint8, device=self.device)
-            placement = letterbox_into(group, torch.stack([pixels[i] for i in indices]))
-            canvas[indices] = group
-            placed.update(dict.fromkeys(indices, placement))
-        return canvas, [placed[i] for i in range(len(pixels))]
+            group = torch.full((len(same_size), 3, *shape), LETTERBOX_GREY, dtype=torch.uint8, device=self.device)
+            placement = letterbox_into(group, torch.stack([pixels[i] for i in same_size]))
+            canvas[same_size] = group
+            placed.update(dict.fromkeys(same_size, placement))
+        return Letterboxed(indices, canvas, [placed[i] for i in range(len(pixels))])
 
     @torch.inference_mode()
     def detect(self, pixels: list[torch.Tensor]) -> list[list[Box]]:
@@ -281,24 +314,25 @@ class DevicePipeline:
         if len(pixels) > largest:
             parts = [pixels[start : start + largest] for start in range(0, len(pixels), largest)]
             return [boxes for part in parts for boxes in self.detect(part)]
-        bucket = self.batch_size_for(len(pixels))
         found: list[list[Box]] = [[] for _ in pixels]
-        letterboxed, placements = self.letterbox(pixels)
+        letterboxes: dict[bool, list[Letterboxed]] = {}
+        for network in self.detectors:
+            if network.rectangles not in letterboxes:
+                letterboxes[network.rectangles] = self.letterbox(pixels, network.rectangles)
+            for group in letterboxes[network.rectangles]:
+                per_image = self._detections(network, group.batch)[: len(group.indices)]
+                # One transfer per group: a copy per image would wait on the device each time.
+                rows = torch.cat(per_image).cpu().split([len(d) for d in per_image])
+                for index, image_rows, placement in zip(group.indices, rows, group.placements):
+                    found[index].extend(_boxes(image_rows, placement, network.names))
+        return found
+
+    def _detections(self, network: YoloNetwork, batch: torch.Tensor) -> list[torch.Tensor]:
         # Unpadded (a CPU), the network takes one image per call: CPU convolutions cost more per
         # image in a batch (README, Runtimes: 116 against 84 ms for YOLOv8n in PyTorch). With
         # fixed shapes (a GPU) the whole bucket goes at once.
-        per_call = bucket if self.pad_to_buckets else 1
-        for network in self.detectors:
-            per_image = [
-                rows
-                for start in range(0, bucket, per_call)
-                for rows in network.detections(letterboxed[start : start + per_call])
-            ][: len(pixels)]
-            # One transfer for the whole batch: a copy per image would wait on the device each time.
-            rows = torch.cat(per_image).cpu().split([len(d) for d in per_image])
-            for boxes, image_rows, placement in zip(found, rows, placements):
-                boxes.extend(_boxes(image_rows, placement, network.names))
-        return found
+        per_call = len(batch) if self.pad_to_buckets else 1
+        return [rows for start in range(0, len(batch), per_call) for rows in network.detections(batch[start : start + per_call])]
 
 
 def _in_image_pixels(result: TagResult, decoded: Decoded) -> TagResult:

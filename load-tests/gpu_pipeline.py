@@ -208,34 +208,40 @@ def breakdown(pipeline: DevicePipeline, datas: list[bytes], rounds: int = 10) ->
         timings[name].append(1000 * (time.perf_counter() - begin))
         return out
 
-    def letterbox() -> torch.Tensor:
-        canvas, placed = pipeline.letterbox(pixels)
-        placements.extend(placed)
-        return canvas
+    def detector_network() -> list[torch.Tensor]:
+        outputs = [network.network(group.batch.to(network.dtype).div_(255)) for group in groups]
+        return [output[0] if isinstance(output, (tuple, list)) else output for output in outputs]
+
+    def nms() -> list[list[torch.Tensor]]:
+        return [
+            batched_nms(predictions, network.min_confidence, network.iou, network.max_detections)[: len(group.indices)]
+            for predictions, group in zip(raw, groups)
+        ]
+
+    def to_cpu() -> tuple[object, list[tuple[torch.Tensor, ...]]]:
+        rows = [torch.cat(per_image).cpu().split([len(d) for d in per_image]) for per_image in found]
+        return logits.float().softmax(dim=-1).cpu().numpy(), rows
 
     def boxes_and_fusion() -> None:
-        per_image = rows.split(counts)
-        for p, image_rows, placement in zip(probabilities, per_image, placements):
-            fuse(engine.vocabulary, p, _boxes(image_rows, placement, network.names), engine.detector_keys,
-                 engine.calibration)
+        boxes: dict[int, list] = {}
+        for group, group_rows in zip(groups, rows):
+            for index, image_rows, placement in zip(group.indices, group_rows, group.placements):
+                boxes[index] = _boxes(image_rows, placement, network.names)
+        for index, p in enumerate(probabilities[: len(pixels)]):
+            fuse(engine.vocabulary, p, boxes[index], engine.detector_keys, engine.calibration)
 
     with torch.inference_mode():
         for _ in range(rounds + 1):
             decoded = step("decode (nvJPEG or PIL, reduce)",
                            lambda: decode_for_models(datas, device, None, pipeline.model_input))
             pixels = [image.pixels for image in decoded]
-            placements: list = []
             inputs = step("classifier crop + resize + normalize",
                           lambda: normalize(pipeline.classifier_input(pixels)))
             logits = step("classifier network", lambda: engine.classifier.logits(inputs))
-            letterboxed = step("detector letterbox", letterbox)
-            output = step("detector network", lambda: network.network(letterboxed.to(network.dtype).div_(255)))
-            predictions = output[0] if isinstance(output, (tuple, list)) else output
-            found = step("NMS", lambda: batched_nms(predictions, network.min_confidence, network.iou,
-                                                     network.max_detections))
-            counts = [len(d) for d in found]
-            probabilities, rows = step("results to the CPU", lambda: (
-                logits.float().softmax(dim=-1).cpu().numpy(), torch.cat(found).cpu()))
+            groups = step("detector letterbox (per shape)", lambda: pipeline.letterbox(pixels, network.rectangles))
+            raw = step("detector network", detector_network)
+            found = step("NMS", nms)
+            probabilities, rows = step("results to the CPU", to_cpu)
             step("boxes + fusion (CPU)", boxes_and_fusion)
     return [(name, statistics.median(times[1:])) for name, times in timings.items()]
 

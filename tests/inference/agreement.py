@@ -36,9 +36,11 @@ class Tolerance:
     score: float
 
 
-# Measured on the CPU: tags within 0.005, scores within 0.013, corners within 2.1 px (most under
-# 1 px) but for a large, low-scored box whose edge moved 4.8 px (IoU 0.99).
-CPU = Tolerance(tag=0.02, box_pixels=3.0, iou=0.95, score=0.02)
+# Measured on the CPU: tags within 0.005, scores within 0.014, corners within 2.1 px (most under
+# 1 px) but for a large, low-scored box whose edge moved 4.8 px (IoU 0.99); and one person box
+# (gc_monument_mysorePalace.jpg, letterboxed 640x480) at 0.270 in the reference that the device
+# letterbox's bilinear rounding put under the 0.25 threshold.
+CPU = Tolerance(tag=0.02, box_pixels=3.0, iou=0.95, score=0.025)
 # float16 box coordinates step by 0.5 px near the letterbox's far edge, 0.8 px once mapped back
 # onto a 1024-pixel photo. Scores: on an H200 (2026-12-01) the device pipeline scored a skateboard
 # 0.421 where the CPU reference has 0.456: nvJPEG's pixels differ from libjpeg's by a level or

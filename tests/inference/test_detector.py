@@ -12,14 +12,31 @@ def detector(engine):
     return engine.detectors[0]
 
 
-def test_a_small_image_is_padded_at_its_own_size(detector):
+def test_a_small_image_is_padded_at_its_own_size_on_its_letterbox_shape(detector):
     small = Image.new("RGB", (50, 57), (200, 30, 30))
-    padded = detector._pad_small(small)
-    assert padded.size == (detector.image_size, detector.image_size)
+    padded = detector._pad_small(small, (480, 640))
+    assert padded.size == (640, 480)
     assert padded.getpixel((10, 10)) == (200, 30, 30)
     assert padded.getpixel((60, 60)) == (114, 114, 114)
     large = Image.new("RGB", (detector.image_size, 100))
-    assert detector._pad_small(large) is large
+    assert detector._pad_small(large, (480, 640)) is large
+
+
+def test_each_image_runs_at_the_smallest_of_the_fixed_shapes_it_fits(detector, monkeypatch):
+    from ultralytics.data.augment import LetterBox
+
+    shapes: list[tuple[int, int]] = []
+    original = LetterBox.__call__
+
+    def recording(self, labels=None, image=None):
+        letterboxed = original(self, labels, image)
+        shapes.append(letterboxed.shape[:2])
+        return letterboxed
+
+    monkeypatch.setattr(LetterBox, "__call__", recording)  # ultralytics' own letterbox, watched
+    photo = Image.open(PHOTOS / "bus.jpg").convert("RGB")  # 810x1080: portrait
+    detector.predict([photo, photo.rotate(90, expand=True), photo.crop((0, 0, 810, 810)), photo.resize((300, 200))])
+    assert shapes == [(640, 480), (480, 640), (640, 640), (480, 640)]
 
 
 def test_boxes_of_a_padded_photo_are_in_its_own_pixels(detector):

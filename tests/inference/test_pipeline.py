@@ -17,7 +17,7 @@ from PIL import Image
 from prometheus_client import CollectorRegistry, Counter
 from ultralytics.nn.autobackend import AutoBackend
 
-from inference.device_images import LETTERBOX_GREY, decode_images, letterbox_into
+from inference.device_images import LETTERBOX_GREY, decode_images, letterbox_into, letterbox_shape
 from inference.engine import EngineConfig, TaggingEngine
 from inference.image_header import decode_with_pil
 from inference.classifier import crop_and_resize
@@ -101,13 +101,20 @@ def test_images_of_one_size_are_prepared_together_exactly_as_one_by_one(torch_en
     pixels = decode_images(datas, torch.device("cpu"))
     assert sorted(map(len, same_size_groups(pixels)))[-2:] == [2, 3]
     batch = pipeline.classifier_input(pixels)
-    canvas, placements = pipeline.letterbox(pixels)
-    assert batch.shape[0] == canvas.shape[0] == 8 and not batch[7].any() and (canvas[7] == LETTERBOX_GREY).all()
-    for row, letterboxed, placement, image in zip(batch, canvas, placements, pixels):
+    assert batch.shape[0] == 8 and not batch[7].any()
+    for row, image in zip(batch, pixels):
         assert torch.equal(row, crop_and_resize(image))
-        alone = torch.full_like(letterboxed, LETTERBOX_GREY)
-        assert letterbox_into(alone, image) == placement
-        assert torch.equal(letterboxed, alone)
+    groups = pipeline.letterbox(pixels)
+    assert sorted(i for group in groups for i in group.indices) == list(range(len(pixels)))
+    for group in groups:
+        assert len(group.batch) == pipeline.batch_size_for(len(group.indices))
+        assert (group.batch[len(group.indices) :] == LETTERBOX_GREY).all()
+        for letterboxed, placement, index in zip(group.batch, group.placements, group.indices):
+            height, width = pixels[index].shape[-2:]
+            assert letterboxed.shape[-2:] == letterbox_shape(height, width, 640)
+            alone = torch.full_like(letterboxed, LETTERBOX_GREY)
+            assert letterbox_into(alone, pixels[index]) == placement
+            assert torch.equal(letterboxed, alone)
 
 
 def test_the_comparison_catches_a_different_picture(torch_engine):
@@ -156,26 +163,28 @@ def test_header_sizes_are_checked_before_decoding(engine):
     assert isinstance(results[1], UndecodableImage) and "768x1024" in str(results[1])
 
 
-def test_a_batch_of_three_runs_as_four_and_every_bucket_is_warmed(torch_engine, photos):
+def test_batches_run_at_bucketed_sizes_and_fixed_shapes_every_one_warmed(torch_engine):
     pipeline = DevicePipeline(torch_engine, max_batch=4, pad_to_buckets=True)
-    seen: list[int] = []
-    hook = pipeline.detectors[0].network.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[0]))
+    seen: list[tuple[int, int, int]] = []
+    network = pipeline.detectors[0].network
+    hook = network.register_forward_pre_hook(lambda _, args: seen.append((len(args[0]), *args[0].shape[-2:])))
+    landscape, portrait = (PHOTOS / "raccoon.jpg").read_bytes(), (PHOTOS / "bus.jpg").read_bytes()
     try:
         pipeline.warm_up()
-        assert sorted(set(seen)) == [1, 2, 4]
+        shapes = [(640, 640), (480, 640), (640, 480)]
+        assert sorted(seen) == sorted((n, *shape) for shape in shapes for n in (1, 2, 4))
         seen.clear()
-        results = pipeline.predict(photos[:3])
-        assert seen == [4]
+        results = pipeline.predict([landscape, portrait, landscape])
+        assert seen == [(2, 480, 640), (1, 640, 480)]  # one batch per shape, each at its bucket
         seen.clear()
-        assert len(pipeline.predict(photos[:5])) == 5
-        assert seen == [4, 1]  # more than the largest bucket: run in parts, never a new shape
+        assert len(pipeline.predict([landscape] * 5)) == 5
+        assert seen == [(4, 480, 640), (1, 480, 640)]  # more than the largest bucket: run in parts
         seen.clear()
-        assert len(pipeline.detect(decode_images(photos[:5], pipeline.device))) == 5
-        assert seen == [4, 1]
+        assert len(pipeline.detect(decode_images([landscape] * 5, pipeline.device))) == 5
+        assert seen == [(4, 480, 640), (1, 480, 640)]
     finally:
         hook.remove()
-    assert len(results) == 3
-    for result, data in zip(results, photos[:3]):
+    for result, data in zip(results, [landscape, portrait, landscape]):
         assert_same_tags(result, torch_engine.predict([reference_image(data)])[0], CPU)
 
 
