@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from inference.device_images import letterbox_shape
+from inference.files import weights_problem
 from inference.results import Box
 
 
@@ -16,9 +17,11 @@ class DetectorLoadError(RuntimeError):
 
 
 def require_weights(weights: Path) -> None:
-    if not weights.exists():
+    """The start-up checks' (service/preflight.py) verdict on a weights file, for callers that
+    build a detector without them (tests, load-tests, the Python API)."""
+    if problem := weights_problem(weights):
         raise DetectorLoadError(
-            f"detector weights {weights} not found: set IMAGETAG_DETECTOR_WEIGHTS, or run "
+            f"detector weights {weights}: {problem}; set IMAGETAG_DETECTOR_WEIGHTS, or run "
             "`imagetag weights fetch yolo11n` on a machine with internet access"
         )
 

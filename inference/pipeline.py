@@ -91,8 +91,8 @@ class Letterboxed(NamedTuple):
 
 
 class YoloNetwork:
-    """A detector's network called directly on a letterboxed batch on the device, with
-    ultralytics' own NMS and its predictor's settings (IoU, max detections).
+    """A detector's network called directly on a letterboxed batch on the device, with one NMS
+    over the batch (`batched_nms`) at ultralytics' predictor's settings (IoU, max detections).
 
     `.pt` weights: the fused network itself (half precision on CUDA). Any other format
     (ONNX, OpenVINO, TFLite): the `AutoBackend` ultralytics' predictor loaded it into, our
@@ -122,7 +122,7 @@ class YoloNetwork:
 
     @torch.inference_mode()
     def detections(self, letterboxed: torch.Tensor) -> list[torch.Tensor]:
-        """Per image of an (N, 3, S, S) uint8 batch, an (n, 6) tensor on the device: x1, y1, x2, y2
+        """Per image of an (N, 3, H, W) uint8 batch, an (n, 6) tensor on the device: x1, y1, x2, y2
         in letterbox pixels, score, class."""
         output = self.network(letterboxed.to(self.dtype).div_(255))
         predictions = output[0] if isinstance(output, (tuple, list)) else output
@@ -289,9 +289,10 @@ class DevicePipeline:
         for index, image in enumerate(pixels):
             height, width = image.shape[-2:]
             by_shape.setdefault(letterbox_shape(height, width, size, rectangles), []).append(index)
-        return [self._letterbox_shape([pixels[i] for i in indices], indices, shape) for shape, indices in by_shape.items()]
+        return [self._letterbox_group(pixels, indices, shape) for shape, indices in by_shape.items()]
 
-    def _letterbox_shape(self, pixels: list[torch.Tensor], indices: list[int], shape: tuple[int, int]) -> Letterboxed:
+    def _letterbox_group(self, images: list[torch.Tensor], indices: list[int], shape: tuple[int, int]) -> Letterboxed:
+        pixels = [images[i] for i in indices]
         canvas = torch.full(
             (self.batch_size_for(len(pixels)), 3, *shape), LETTERBOX_GREY, dtype=torch.uint8, device=self.device
         )
@@ -332,7 +333,8 @@ class DevicePipeline:
         # image in a batch (README, Runtimes: 116 against 84 ms for YOLOv8n in PyTorch). With
         # fixed shapes (a GPU) the whole bucket goes at once.
         per_call = len(batch) if self.pad_to_buckets else 1
-        return [rows for start in range(0, len(batch), per_call) for rows in network.detections(batch[start : start + per_call])]
+        parts = [batch[start : start + per_call] for start in range(0, len(batch), per_call)]
+        return [rows for part in parts for rows in network.detections(part)]
 
 
 def _in_image_pixels(result: TagResult, decoded: Decoded) -> TagResult:

@@ -319,7 +319,8 @@ async def _tag_files(files: list[Path], options: TaggingOptions, settings: Setti
     started = time.monotonic()
     # A second model replica pays only when there is a second batch to run beside the first.
     # Remote, the batches are the workers': this only bounds how many files are sent at once.
-    batch_size = model_batch_size(settings) if settings.inference == "local" else settings.batch_max_size or CPU_BATCH_SIZE
+    local = settings.inference == "local"
+    batch_size = model_batch_size(settings) if local else settings.batch_max_size or CPU_BATCH_SIZE
     replicas = min(settings.model_replicas, -(-len(files) // batch_size))
     settings = settings.model_copy(update={"model_replicas": replicas})
     redis = redis_client(settings) if settings.inference == "remote" else None

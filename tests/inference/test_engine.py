@@ -1,6 +1,7 @@
 """The real models on real photos."""
 
 import logging
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -79,5 +80,10 @@ def test_missing_or_broken_weights_fail_clearly(tmp_path):
         Detector(tmp_path / "nope.pt", torch.device("cpu"), 640, 0.25)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(DetectorLoadError, match="cannot load"):
+    with pytest.raises(DetectorLoadError, match="junk.pt: corrupt or truncated: not a PyTorch archive"):
         Detector(junk, torch.device("cpu"), 640, 0.25)
+    sound_archive_of_nothing = tmp_path / "empty.pt"  # passes the cheap look; only loading tells
+    with zipfile.ZipFile(sound_archive_of_nothing, "w") as archive:
+        archive.writestr("empty/data.pkl", b"")
+    with pytest.raises(DetectorLoadError, match="cannot load"):
+        Detector(sound_archive_of_nothing, torch.device("cpu"), 640, 0.25)
