@@ -67,11 +67,12 @@ class Detector:
         self.image_size = image_size
         self.min_confidence = min_confidence
         self.upscale_small = upscale_small
+        # A fixed-shape graph takes neither batches nor the rectangles.
+        self.rectangles = not str(weights).endswith(_SINGLE_IMAGE_SUFFIXES)
         # On a CPU a batch costs more per image than one image at a time (load-tests/runtimes.py);
         # only a GPU gains from batching here.
-        self.batched = device.type == "cuda" and not str(weights).endswith(_SINGLE_IMAGE_SUFFIXES)
+        self.batched = device.type == "cuda" and self.rectangles
         self.half = device.type == "cuda"
-        self.rectangles = not str(weights).endswith(_SINGLE_IMAGE_SUFFIXES)
 
     def backend(self) -> torch.nn.Module:
         """Ultralytics' `AutoBackend` for these weights, as its predictor sets it up (the

@@ -8,8 +8,9 @@ batch (half precision on CUDA); NMS there over the whole batch; one transfer bac
 
 Stalls it avoids: every new input shape can cost a cuDNN algorithm search, so batches run only at
 bucketed sizes (1, 2, 4, ... up to `max_batch`, padded with blank images) and at three letterbox
-shapes, and `warm_up()` runs every bucket at every shape once at start. A batch that fails is logged and counted before
-its images are retried one by one, so it shows up as an error, not as slowness.
+shapes, and `warm_up()` runs every bucket at every shape once at start. A batch that fails is
+logged and counted before its images are retried one by one, so it shows up as an error, not as
+slowness.
 
 Ultralytics' predictor (which letterboxes on the CPU, one image at a time) is not on this path:
 `.pt` detectors run their network directly; exported ones (ONNX, OpenVINO, TFLite) run through
@@ -28,7 +29,8 @@ import copy
 import dataclasses
 import io
 import logging
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple, TypeVar
 
 import torch
 import torchvision
@@ -54,6 +56,8 @@ from inference.results import Box, ScoredTag, TagResult, UndecodableImage
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 def bucket_sizes(max_batch: int) -> tuple[int, ...]:
     """Powers of two up to `max_batch`, and `max_batch` itself."""
@@ -67,6 +71,11 @@ def bucket_sizes(max_batch: int) -> tuple[int, ...]:
 
 def bucket_for(count: int, buckets: tuple[int, ...]) -> int:
     return next(size for size in buckets if size >= count)
+
+
+def in_parts(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    """`items` cut into consecutive runs of at most `size`."""
+    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 def same_size_groups(images: list[torch.Tensor]) -> list[list[int]]:
@@ -229,11 +238,7 @@ class DevicePipeline:
 
     def predict(self, datas: list[bytes]) -> list[TagResult]:
         """One result per image, in order; batches longer than the largest bucket run in parts."""
-        largest = self.buckets[-1]
-        results: list[TagResult] = []
-        for start in range(0, len(datas), largest):
-            results.extend(self._predict_part(datas[start : start + largest]))
-        return results
+        return [result for part in in_parts(datas, self.buckets[-1]) for result in self._predict_part(part)]
 
     def _predict_part(self, datas: list[bytes]) -> list[TagResult]:
         decoded = decode_for_models(datas, self.device, self.side_limits, self.model_input)
@@ -248,10 +253,8 @@ class DevicePipeline:
     def predict_pixels(self, pixels: list[torch.Tensor]) -> list[TagResult]:
         """Tags for decoded (3, H, W) uint8 RGB images on the device. A failed batch is logged and
         counted, then retried image by image."""
-        largest = self.buckets[-1]
-        if len(pixels) > largest:
-            parts = [pixels[start : start + largest] for start in range(0, len(pixels), largest)]
-            return [result for part in parts for result in self.predict_pixels(part)]
+        if len(pixels) > self.buckets[-1]:
+            return [result for part in in_parts(pixels, self.buckets[-1]) for result in self.predict_pixels(part)]
         if not pixels:
             return []
         return run_or_retry_each(pixels, self._run_batch, self.failed_batches)
@@ -311,10 +314,8 @@ class DevicePipeline:
     @torch.inference_mode()
     def detect(self, pixels: list[torch.Tensor]) -> list[list[Box]]:
         """Every detector's boxes for each decoded image, in its own pixels."""
-        largest = self.buckets[-1]
-        if len(pixels) > largest:
-            parts = [pixels[start : start + largest] for start in range(0, len(pixels), largest)]
-            return [boxes for part in parts for boxes in self.detect(part)]
+        if len(pixels) > self.buckets[-1]:
+            return [boxes for part in in_parts(pixels, self.buckets[-1]) for boxes in self.detect(part)]
         found: list[list[Box]] = [[] for _ in pixels]
         letterboxes: dict[bool, list[Letterboxed]] = {}
         for network in self.detectors:
@@ -333,8 +334,7 @@ class DevicePipeline:
         # image in a batch (README, Runtimes: 116 against 84 ms for YOLOv8n in PyTorch). With
         # fixed shapes (a GPU) the whole bucket goes at once.
         per_call = len(batch) if self.pad_to_buckets else 1
-        parts = [batch[start : start + per_call] for start in range(0, len(batch), per_call)]
-        return [rows for part in parts for rows in network.detections(part)]
+        return [rows for part in in_parts(batch, per_call) for rows in network.detections(part)]
 
 
 def _in_image_pixels(result: TagResult, decoded: Decoded) -> TagResult:

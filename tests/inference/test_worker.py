@@ -9,8 +9,8 @@ import threading
 from redis.asyncio import Redis
 
 from inference.batching import BatchStats
-from inference.results import ImageTooLarge, ModelError, ScoredTag, UndecodableImage
 from inference.remote import Channels
+from inference.results import ImageTooLarge, ModelError, ScoredTag, UndecodableImage
 from inference.worker import Worker, WorkerConfig
 from tests.conftest import RedisProcess
 from tests.inference.test_batching import png
