@@ -3,11 +3,11 @@
 Each round takes up to `max_batch_size` jobs with XREADGROUP (now and then XAUTOCLAIM's jobs of a
 worker that stopped answering instead), answers expired ones without the models, runs the rest
 through the models' `predict` (`inference.pipeline.DevicePipeline`: the job's bytes decoded on
-the device where it can) on the worker's model thread, adds each job's own result to its
-gateway's reply stream, then acks and deletes the entries. A worker holds at most two rounds: one
-in the models, the next read and waiting for them, so that the device never waits on Redis; with
-the first answered while the second runs. Waiting jobs beyond that go to whichever worker is idle
-rather than queue behind a busy one.
+the device where it can) on an idle model replica's thread, adds each job's own result to its
+gateway's reply stream, then acks and deletes the entries. A worker holds at most one round more
+than it has replicas: one in each, the next read and waiting for them, so that the device never
+waits on Redis, and each round is answered while the others run. Waiting jobs beyond that go to
+whichever worker is idle rather than queue behind a busy one.
 
 Delivery is at least once: a worker killed mid-batch leaves its jobs pending, and once they have
 been idle for the visibility timeout another worker claims and serves them. The gateway drops
@@ -60,8 +60,9 @@ _SWEEP_EVERY_S = 60.0
 # A live gateway reads its replies at once; the bound only caps what a stuck one can pile up.
 _REPLIES_MAX = 10_000
 # Served one after the other, a round's read and answer left an H200 idle between batches: at
-# batch 8, the worker answered 305 images/s with the GPU busy 19 % of the time.
-_ROUNDS_IN_HAND = 2
+# batch 8, the worker answered 305 images/s with the GPU busy 19 % of the time. So one round is
+# read ahead of the replicas.
+_ROUNDS_READ_AHEAD = 1
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 
@@ -94,9 +95,13 @@ class WorkerConfig:
     visibility_timeout_s: float = 15.0
     reply_ttl_s: float = 60.0  # beyond the job's deadline; a dead gateway's reply stream then expires
     models: str = ""  # the weights' digests, sent back with every result
+    replicas: int = 1
+    """Engines, each on a thread of its own, running rounds side by side (`build_engine` is
+    called once for each)."""
     pixel_budget: int | None = None
-    """Pixels one model call may decode (`inference.batching`'s budget; a worker runs one call at
-    a time); a round's jobs run in as many calls as that takes. None: unbounded."""
+    """Pixels the worker's model calls may decode at once, all replicas together
+    (`inference.batching`'s budget); a round's jobs run in as many calls as that takes, and a call
+    waits until the others leave it room. None: unbounded."""
     model_input: ModelInput = ModelInput()
 
 
@@ -121,8 +126,13 @@ class Worker:
         self._build_engine = build_engine
         self._config = config
         self._observer = observer
-        # One thread: the models are not re-entrant, and torch parallelises inside each call.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        # One thread per replica: an engine is not re-entrant.
+        self._executors = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inference-{i}") for i in range(config.replicas)
+        ]
+        self._idle: asyncio.Queue[tuple[ImageTagger, ThreadPoolExecutor]] = asyncio.Queue()
+        self._pixels_free = config.pixel_budget or 0
+        self._pixels_freed = asyncio.Condition()
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._live_members = client.register_script(_LIVE_MEMBERS)
         self._block_ms = max(1, int(blocking_budget(client, 1.0) * 1000))
@@ -139,13 +149,15 @@ class Worker:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            engine = await loop.run_in_executor(self._executor, self._build_engine)
+            for executor in self._executors:
+                engine = await loop.run_in_executor(executor, self._build_engine)
+                self._idle.put_nowait((engine, executor))
+                if self._stopping.is_set():
+                    return
             self._notify(lambda observer: observer.loaded())
-            if self._stopping.is_set():
-                return
             beating = asyncio.create_task(self._beat_forever(), name="worker-heartbeat")
             try:
-                await self._serve(engine)
+                await self._serve()
             finally:
                 self._stopping.set()  # also ends the heartbeat should its cancellation be lost
                 beating.cancel()
@@ -153,10 +165,11 @@ class Worker:
                 await self._leave()
         finally:
             self._notify(lambda observer: observer.up(False))
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            for executor in self._executors:
+                executor.shutdown(wait=False, cancel_futures=True)
             self._trimmer.close()
 
-    async def _serve(self, engine: ImageTagger) -> None:
+    async def _serve(self) -> None:
         next_claim = next_sweep = time.monotonic()
         failures = 0
         in_hand: list[asyncio.Task] = []
@@ -166,7 +179,7 @@ class Worker:
                     if not self._group_ready:
                         await self._create_group()
                         self._notify(lambda observer: observer.up(True))  # Redis answers: ready before the first read
-                    await _at_most(in_hand, _ROUNDS_IN_HAND - 1)
+                    await _at_most(in_hand, len(self._executors) + _ROUNDS_READ_AHEAD - 1)
                     entries: list[Entry] = []
                     if time.monotonic() >= next_claim:
                         next_claim = time.monotonic() + self._claim_every_s
@@ -177,7 +190,7 @@ class Worker:
                     if not entries:
                         entries = await self._read()
                     if entries:
-                        in_hand.append(asyncio.create_task(self._handle(engine, entries), name="worker-round"))
+                        in_hand.append(asyncio.create_task(self._handle(entries), name="worker-round"))
                     failures = 0
                     self._notify(lambda observer: observer.up(True))
                 except RedisError as error:
@@ -231,7 +244,7 @@ class Worker:
             log.warning("claimed %d jobs left unanswered by another worker", len(entries))
         return entries
 
-    async def _handle(self, engine: ImageTagger, entries: list[Entry]) -> None:
+    async def _handle(self, entries: list[Entry]) -> None:
         now = time.time()
         replies: list[tuple[Job, TagResult | DeadlineExceeded]] = []
         live: list[Job] = []
@@ -252,10 +265,8 @@ class Worker:
         model_s = 0.0
         if live:
             started = time.monotonic()
-            loop = asyncio.get_running_loop()
             for part, pixels in self._within_budget(live, replies):
-                results = await loop.run_in_executor(self._executor, self._predict, engine, part, pixels)
-                replies += zip(part, results)
+                replies += zip(part, await self._run_on_a_replica(part, pixels))
             model_s = time.monotonic() - started
             self._trace(live, waits, now, model_s)
         queued = await self._answer(replies, [entry_id for entry_id, _ in entries])
@@ -290,6 +301,23 @@ class Worker:
         if part:
             parts.append((part, used))
         return parts
+
+    async def _run_on_a_replica(self, jobs: list[Job], pixels: int) -> list[TagResult]:
+        """The jobs' results from the first idle replica, once the budget has room for their pixels."""
+        budgeted = self._config.pixel_budget is not None
+        if budgeted:
+            async with self._pixels_freed:
+                await self._pixels_freed.wait_for(lambda: pixels <= self._pixels_free)
+                self._pixels_free -= pixels
+        engine, executor = await self._idle.get()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, self._predict, engine, jobs, pixels)
+        finally:
+            self._idle.put_nowait((engine, executor))
+            if budgeted:
+                async with self._pixels_freed:
+                    self._pixels_free += pixels
+                    self._pixels_freed.notify_all()
 
     def _predict(self, engine: ImageTagger, jobs: list[Job], pixels: int) -> list[TagResult]:
         try:

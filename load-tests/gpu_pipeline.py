@@ -3,7 +3,9 @@
 - models alone: the classifier and the detector (forward and NMS) on batches already on the
   device, already preprocessed: the compute ceiling;
 - pipeline: `DevicePipeline.predict` from JPEG bytes in memory (decode, crop, letterbox, both
-  models, NMS, fusion), no HTTP: the in-process ceiling;
+  models, NMS, fusion), no HTTP, on one thread; and on `--replicas` threads, each with its own
+  replica (`DevicePipeline.replica`), batch after batch, as a worker serves: the in-process
+  ceiling is the better of the two;
 - reference: what the service did per batch before the pipeline served, PIL decode then
   `TaggingEngine.predict`;
 - fusion alone: `fuse()` per image, on the pipeline's own model outputs;
@@ -22,10 +24,12 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import itertools
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -98,6 +102,8 @@ def main() -> int:
     parser.add_argument("--classifier-runtime", default="auto")
     parser.add_argument("--detector-runtime", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch/OpenVINO threads on a CPU")
+    parser.add_argument("--replicas", type=int, default=2,
+                        help="threads, each on its own replica, for the replicated pipeline (IMAGETAG_MODEL_REPLICAS)")
     parser.add_argument("--skip-reference", action="store_true", help="leave out PIL + TaggingEngine.predict")
     parser.add_argument("--json", type=Path, help="also write the measurements here (for gpu_benchmark.py)")
     parser.add_argument("--breakdown", type=int, metavar="N", help="also time each step of the pipeline on batches of N")
@@ -118,6 +124,9 @@ def main() -> int:
     engine = TaggingEngine.build(config)
     pipeline = DevicePipeline(engine, max_batch=max(batch_sizes))
     pipeline.warm_up()
+    replicas = [pipeline] + [
+        pipeline.replica() or DevicePipeline.build(config, max(batch_sizes)) for _ in range(args.replicas - 1)
+    ]
     photos = photo_bytes(args.photos)
     detector_kinds = ", ".join(
         f"{d.weights.name} ({'its network' if d.weights.suffix == '.pt' else 'ultralytics AutoBackend'})"
@@ -156,6 +165,10 @@ def main() -> int:
         for (stage, _), result in zip(stages, measure(stages, size, args.seconds, args.min_batches, device)):
             rows.append((stage, size, result))
             print_row(*rows[-1])
+        if len(replicas) > 1:
+            result = measure_replicas(replicas, lambda index: batch(index, size), size, args.seconds, device)
+            rows.append((f"pipeline from bytes, {len(replicas)} replicas", size, result))
+            print_row(*rows[-1])
 
     print()
     print("| stage | batch | images/s | median ms per batch | peak GPU MB |")
@@ -178,6 +191,40 @@ def main() -> int:
             "breakdown": {"batch_size": args.breakdown, "steps_ms": dict(steps)} if steps else None,
         }))
     return 0
+
+
+def measure_replicas(
+    pipelines: list[DevicePipeline], batch: Callable[[int], list[bytes]], batch_size: int, seconds: float,
+    device: torch.device,
+) -> dict[str, float]:
+    """Images/s of one thread per pipeline, each predicting batch after batch for `seconds`, after
+    one warm-up batch each: one thread's CPU work (decode set-up, boxes, fusion) then overlaps
+    another's kernels, as the worker's replicas do."""
+    cuda = device.type == "cuda"
+    for index, pipeline in enumerate(pipelines):
+        pipeline.predict(batch(index))
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    numbers = itertools.count(len(pipelines))
+    timings: list[float] = []
+    started = time.perf_counter()
+
+    def serve(pipeline: DevicePipeline) -> None:
+        while time.perf_counter() - started < seconds:
+            begin = time.perf_counter()
+            pipeline.predict(batch(next(numbers)))
+            timings.append(time.perf_counter() - begin)
+
+    with ThreadPoolExecutor(len(pipelines)) as threads:
+        for running in [threads.submit(serve, pipeline) for pipeline in pipelines]:
+            running.result()
+    result = {
+        "images_per_s": batch_size * len(timings) / (time.perf_counter() - started),
+        "median_batch_ms": 1000 * statistics.median(timings),
+    }
+    if cuda:
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
 
 
 def print_row(stage: str, size: int, result: dict[str, float], markdown: bool = False) -> None:

@@ -31,6 +31,7 @@ from service.tagging import TaggingLimits, TaggingService
 from service.tracing import Tracing, build_tracing
 
 if TYPE_CHECKING:
+    from inference.pipeline import DevicePipeline
     from inference.worker import JobTracer, Worker, WorkerObserver
 
 log = logging.getLogger(__name__)
@@ -185,19 +186,26 @@ def build_inference(
 
 
 def engine_factory(settings: Settings, failed_batches: FailureCounter | None = None) -> EngineFactory:
-    """Builds the models when called: on an inference thread, never at import or on the event loop.
-    The embedded service and `imagetag worker` serve through the same `DevicePipeline`, on CPU
-    and CUDA alike, every batch shape warmed before the first request."""
+    """Builds one replica of the models per call: on an inference thread, never at import or on
+    the event loop. The embedded service and `imagetag worker` serve through the same
+    `DevicePipeline`, on CPU and CUDA alike, every batch shape warmed before the first request.
+    Later replicas share the first one's weights where its runtimes allow (`DevicePipeline.replica`)."""
+    first: list[DevicePipeline] = []
 
     def build() -> ImageTagger:
         from inference.pipeline import DevicePipeline
 
-        return DevicePipeline.build(
+        if first and (replica := first[0].replica()) is not None:
+            return replica
+        pipeline = DevicePipeline.build(
             settings.engine_config(),
             max_batch=model_batch_size(settings),
             failed_batches=failed_batches,
             side_limits=(settings.min_image_side, settings.max_image_side),
         )
+        if not first:
+            first.append(pipeline)
+        return pipeline
 
     return build
 
@@ -217,6 +225,7 @@ def build_worker(
         heartbeat_s=settings.worker_heartbeat_s,
         visibility_timeout_s=settings.job_visibility_timeout_s,
         models=weights_digests(settings),
+        replicas=settings.model_replicas,
         pixel_budget=settings.pixel_budget,
         model_input=ModelInput(longest=settings.detector_image_size),
     )

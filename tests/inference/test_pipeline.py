@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -200,6 +202,38 @@ def test_a_failed_batch_is_logged_and_counted_before_the_retry(engine, caplog):
     assert "cat" in {t.tag.key for t in results[0]} and "cat" in {t.tag.key for t in results[2]}
     assert registry.get_sample_value("imagetag_failed_batches_total") == 1
     assert "a batch of 3 images failed" in caplog.text
+
+
+def test_replicas_share_the_weights_and_serve_side_by_side_with_the_same_answers(torch_engine):
+    """Two threads, one on landscape photos and one on portrait ones, each on its own replica: a
+    YOLO head caches its anchors for the last shape it saw, so a shared one would mix them up."""
+    registry = CollectorRegistry()
+    failed = Counter("imagetag_failed_batches", "batches retried image by image", registry=registry)
+    pipeline = DevicePipeline(torch_engine, max_batch=4, failed_batches=failed)
+    twin = pipeline.replica()
+    assert twin is not None and twin.engine is pipeline.engine
+    assert twin.detectors[0].network is not pipeline.detectors[0].network
+    landscape, portrait = [(PHOTOS / "raccoon.jpg").read_bytes()] * 2, [(PHOTOS / "bus.jpg").read_bytes()] * 2
+    expected = {id(landscape): pipeline.predict(landscape), id(portrait): pipeline.predict(portrait)}
+    start = threading.Barrier(2)
+
+    def serve(replica: DevicePipeline, photos: list[bytes]) -> list:
+        start.wait()
+        return [replica.predict(photos) for _ in range(6)]
+
+    with ThreadPoolExecutor(2) as threads:
+        served = {id(photos): threads.submit(serve, replica, photos) for replica, photos in ((pipeline, landscape), (twin, portrait))}
+    for key, rounds in served.items():
+        for results in rounds.result():
+            for result, reference in zip(results, expected[key]):
+                assert_same_tags(result, reference, CPU)
+    assert registry.get_sample_value("imagetag_failed_batches_total") == 0
+
+
+def test_models_on_a_runtime_that_cannot_be_shared_get_no_replica(engine):
+    if engine.classifier.runtime == "torch" and all(d.weights.suffix == ".pt" for d in engine.detectors):
+        pytest.skip("no ONNX or OpenVINO runtime installed: every model here is shareable")
+    assert DevicePipeline(engine).replica() is None
 
 
 def test_a_tflite_detector_serves_through_ultralytics_backend():

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import pytest
+
 from redis.asyncio import Redis
 
 from inference.batching import BatchStats
@@ -106,8 +108,8 @@ def test_a_round_of_jobs_runs_within_the_pixel_budget_and_an_image_over_it_is_re
 class HeldEngine(StandInEngine):
     """Holds each batch in the models until the test lets it go."""
 
-    def __init__(self) -> None:
-        self.release = threading.Event()
+    def __init__(self, release: threading.Event) -> None:
+        self.release = release
         self.sizes: list[int] = []
 
     def predict(self, images):
@@ -116,38 +118,81 @@ class HeldEngine(StandInEngine):
         return super().predict(images)
 
 
-def test_the_next_round_is_read_while_one_is_in_the_models_and_no_more(redis_server: RedisProcess):
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_each_replica_runs_a_round_while_one_more_is_read_and_no_more(redis_server: RedisProcess, replicas: int):
     """The device must not wait on Redis between batches, nor one worker hoard the queue."""
     url = fresh_db(redis_server, 6)
-    engine = HeldEngine()
+    release = threading.Event()
+    engines: list[HeldEngine] = []
     channels = Channels()
 
-    async def scenario() -> tuple[list[int], int, list]:
+    def build() -> HeldEngine:
+        engines.append(HeldEngine(release))
+        return engines[-1]
+
+    async def scenario() -> tuple[list[list[int]], int, list]:
         client = Redis.from_url(url)
-        worker = Worker(client, lambda: engine, WorkerConfig(heartbeat_s=0.2, max_batch_size=1), Recorder())
+        config = WorkerConfig(heartbeat_s=0.2, max_batch_size=1, replicas=replicas)
+        worker = Worker(client, build, config, Recorder())
         running = asyncio.create_task(worker.run())
         try:
             async with gateway(url) as inference:
-                tagging = asyncio.create_task(inference.tag([photo("bus.jpg")] * 3))
+                tagging = asyncio.create_task(inference.tag([photo("bus.jpg")] * (replicas + 2)))
 
                 async def delivered() -> int:
                     return (await client.xpending(channels.stream, channels.group))["pending"]
 
                 deadline = asyncio.get_running_loop().time() + 10
-                while await delivered() < 2:
-                    assert asyncio.get_running_loop().time() < deadline, "the second round was never read"
+                while await delivered() < replicas + 1:
+                    assert asyncio.get_running_loop().time() < deadline, "the rounds were never read"
                     await asyncio.sleep(0.02)
-                await asyncio.sleep(0.3)  # time enough to read a third, were it allowed
-                in_hand, sizes = await delivered(), list(engine.sizes)
-                engine.release.set()
+                await asyncio.sleep(0.3)  # time enough to read one more, were it allowed
+                in_hand, sizes = await delivered(), [list(engine.sizes) for engine in engines]
+                release.set()
                 return sizes, in_hand, await tagging
         finally:
-            engine.release.set()
+            release.set()
             worker.stop()
             await asyncio.wait_for(running, 10)
             await client.aclose()
 
     sizes, in_hand, results = asyncio.run(scenario())
-    assert sizes == [1] and in_hand == 2  # one in the models, one read and waiting
+    assert sizes == [[1]] * replicas  # every replica busy at once
+    assert in_hand == replicas + 1  # and one round read, waiting for the first that is free
     assert all([t.tag.key for t in result] == ["cat"] for result in results)
-    assert engine.sizes == [1, 1, 1]
+    assert sum(len(engine.sizes) for engine in engines) == replicas + 2
+
+
+def test_replicas_share_the_pixel_budget(redis_server: RedisProcess):
+    """Two replicas, two rounds of one image each, and a budget that holds one such image: the
+    second round waits for the first to leave the models."""
+    release = threading.Event()
+    engines: list[HeldEngine] = []
+
+    def build() -> HeldEngine:
+        engines.append(HeldEngine(release))
+        return engines[-1]
+
+    url = fresh_db(redis_server, 6)
+
+    async def scenario() -> tuple[list[list[int]], list]:
+        client = Redis.from_url(url)
+        config = WorkerConfig(heartbeat_s=0.2, max_batch_size=1, replicas=2, pixel_budget=15_000)
+        worker = Worker(client, build, config, Recorder())
+        running = asyncio.create_task(worker.run())
+        try:
+            async with gateway(url) as inference:
+                tagging = asyncio.create_task(inference.tag([png(100, 100)] * 2))
+                await asyncio.sleep(1.0)
+                busy = [list(engine.sizes) for engine in engines]
+                release.set()
+                return busy, await tagging
+        finally:
+            release.set()
+            worker.stop()
+            await asyncio.wait_for(running, 10)
+            await client.aclose()
+
+    busy, results = asyncio.run(scenario())
+    assert sorted(busy) == [[], [1]]  # one call in the models; the other waits for its pixels
+    assert all([t.tag.key for t in result] == ["cat"] for result in results)

@@ -80,6 +80,18 @@ def test_the_served_models_count_failed_batches_into_the_metrics(tmp_path, caplo
     assert service.registry.get_sample_value("imagetag_failed_batches_total") == 1
 
 
+def test_later_replicas_share_the_first_ones_weights_where_the_runtimes_allow(tmp_path):
+    """The worker and the embedded batcher call the factory once per replica."""
+    settings = Settings(data_dir=tmp_path, redis_url=None, detector_weights=[DETECTOR_WEIGHTS], torch_threads=2,
+                        batch_max_size=2, classifier_runtime="torch", detector_runtime="torch")
+    build = engine_factory(settings)
+    first, second, third = build(), build(), build()
+    assert first.engine is second.engine is third.engine
+    assert len({id(pipeline.detectors[0].network) for pipeline in (first, second, third)}) == 3
+    exported = engine_factory(settings.model_copy(update={"classifier_runtime": "openvino"}))
+    assert exported().engine is not exported().engine  # an OpenVINO request is not shared
+
+
 GATEWAY_IN_A_FRESH_PROCESS = """
 import asyncio, base64, json, sys
 import httpx
