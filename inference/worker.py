@@ -331,11 +331,14 @@ class Worker:
         # Not a transaction: reply streams and the job stream may live on different cluster nodes,
         # and a result sent twice is harmless. Results first: an ack must never outrun its result.
         pipe = self._client.pipeline(transaction=False)
+        ttls: dict[str, int] = {}
         for job, result in replies:
             reply = {"result": encode_result(job.id, result, self._config.models)}
             pipe.xadd(job.reply_to, reply, maxlen=_REPLIES_MAX, approximate=True)
             ttl = math.ceil(max(0.0, job.deadline - time.time()) + self._config.reply_ttl_s)
-            pipe.expire(job.reply_to, ttl)
+            ttls[job.reply_to] = max(ttl, ttls.get(job.reply_to, 0))
+        for reply_to, ttl in ttls.items():  # once per gateway, not per job: a round is mostly a few gateways'
+            pipe.expire(reply_to, ttl)
         pipe.xack(channels.stream, channels.group, *entry_ids)
         pipe.xdel(channels.stream, *entry_ids)
         pipe.xlen(channels.stream)

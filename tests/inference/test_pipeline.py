@@ -257,6 +257,25 @@ def test_cuda_tags_and_boxes_match_the_cpu_reference(torch_engine, photos):
     assert_same_as_the_reference(pipeline, torch_engine, photos, HALF)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_replicas_on_streams_of_their_own_answer_side_by_side_as_one_alone(photos):
+    """Each replica waits on its own stream only; nothing of one may leak into the other's batch."""
+    pipeline = DevicePipeline.build(EngineConfig(detector_weights=(DETECTOR_WEIGHTS,), device="cuda"), max_batch=8)
+    twin = pipeline.replica()
+    assert twin is not None and twin.stream != pipeline.stream
+    halves = photos[: len(photos) // 2], photos[len(photos) // 2 :]
+    alone = [pipeline.predict(half) for half in halves]
+    with ThreadPoolExecutor(2) as threads:
+        side_by_side = [
+            threads.submit(lambda replica, half: [replica.predict(half) for _ in range(3)], replica, half)
+            for replica, half in zip((pipeline, twin), halves)
+        ]
+    for expected, rounds in zip(alone, side_by_side):
+        for results in rounds.result():
+            for result, reference in zip(results, expected):
+                assert_same_tags(result, reference, HALF)
+
+
 def test_a_large_photo_decoded_reduced_gives_the_photos_tags_and_boxes_in_its_own_pixels(torch_engine):
     """bus.jpg (768x1024) enlarged twice: decoded at half size, it is the photo again, so it gets
     the photo's tags, and its boxes are the photo's, twice as large."""
