@@ -318,8 +318,15 @@ def serve_with_workers(workdir: Path, env: dict[str, str], workers: int = 2, gat
     redis = spawn([redis_server, "--port", str(redis_port), "--save", "", "--appendonly", "no"], {},
                   workdir / "redis.log")
     shared = {**env, "IMAGETAG_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "IMAGETAG_MASTER_KEY": "benchmark"}
-    # Workers sharing a machine's cores: their torch threads split them.
-    threads = {"IMAGETAG_TORCH_THREADS": str(max(1, psutil.cpu_count() // workers))} if workers > 1 else {}
+    # Workers sharing a machine's cores split them: their torch threads, and one engine each, so
+    # that two workers hold the two engines the embedded service does (two workers of two
+    # replicas each gave 97 % of the throughput with 600 MB more on the 2-core machine:
+    # against_commit.sh 2e8ccfb --configs embedded "2 workers" --concurrency 32).
+    threads = (
+        {"IMAGETAG_TORCH_THREADS": str(max(1, psutil.cpu_count() // workers)), "IMAGETAG_MODEL_REPLICAS": "1"}
+        if workers > 1
+        else {}
+    )
     started = [
         spawn([sys.executable, "-m", "service.cli", "worker"],
               {**shared, **threads, "IMAGETAG_METRICS_PORT": str(free_port())}, workdir / f"worker{i}.log")
