@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import itertools
+import json
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -197,27 +198,40 @@ def measure_replicas(
     pipelines: list[DevicePipeline], batch: Callable[[int], list[bytes]], batch_size: int, seconds: float,
     device: torch.device,
 ) -> dict[str, float]:
-    """Images/s of one thread per pipeline, each predicting batch after batch for `seconds`, after
-    one warm-up batch each: one thread's CPU work (decode set-up, boxes, fusion) then overlaps
-    another's kernels, as the worker's replicas do."""
+    """Images/s of one thread per pipeline, each predicting batch after batch for `seconds`, as the
+    worker's replicas do: one thread's CPU work (decode set-up, boxes, fusion) then overlaps
+    another's kernels. Each thread runs one warm-up batch first, on itself: a thread's first CUDA
+    call sets up its own cuBLAS handle."""
     cuda = device.type == "cuda"
-    for index, pipeline in enumerate(pipelines):
-        pipeline.predict(batch(index))
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    numbers = itertools.count(len(pipelines))
+    numbers = itertools.count()
     timings: list[float] = []
-    started = time.perf_counter()
+    warmed = threading.Barrier(len(pipelines) + 1)
+    go = threading.Barrier(len(pipelines) + 1)
+    started = 0.0
 
     def serve(pipeline: DevicePipeline) -> None:
+        try:
+            pipeline.predict(batch(next(numbers)))
+        except BaseException:
+            warmed.abort()  # the other threads and the caller stop waiting, and this error shows
+            go.abort()
+            raise
+        warmed.wait()
+        go.wait()
         while time.perf_counter() - started < seconds:
             begin = time.perf_counter()
             pipeline.predict(batch(next(numbers)))
             timings.append(time.perf_counter() - begin)
 
     with ThreadPoolExecutor(len(pipelines)) as threads:
-        for running in [threads.submit(serve, pipeline) for pipeline in pipelines]:
-            running.result()
+        running = [threads.submit(serve, pipeline) for pipeline in pipelines]
+        warmed.wait()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        go.wait()
+        for thread in running:
+            thread.result()
     result = {
         "images_per_s": batch_size * len(timings) / (time.perf_counter() - started),
         "median_batch_ms": 1000 * statistics.median(timings),
