@@ -120,21 +120,30 @@ class YoloNetwork:
         self.max_detections = DEFAULT_CFG.max_det
         if detector.weights.suffix == ".pt":
             self.dtype = torch.float16 if device.type == "cuda" else torch.float32
+            # Channels last, as the classifier runs: on the development CPU the network took 41-44 ms
+            # for a 640x480 photo against 56 ms in the default layout, its outputs within 0.002.
+            self.memory_format = torch.channels_last
             # A copy: ultralytics' predictor fuses and casts the module it holds in place.
             network = copy.deepcopy(detector.model.model).fuse(verbose=False)
-            self.network = network.to(device, self.dtype).eval()
+            self.network = network.to(device, self.dtype, memory_format=self.memory_format).eval()
         else:
             self.dtype = torch.float32  # the backend casts to what its graph takes
+            self.memory_format = torch.contiguous_format  # and reads the tensor as NCHW numpy
             self.network = network = detector.backend()
         # NMS-free heads (YOLO26, YOLOv10) already give (x1, y1, x2, y2, score, class) rows;
         # ultralytics' NMS then only applies the score threshold, as its predictor does.
         self.end2end = bool(getattr(network, "end2end", False))
 
+    def network_input(self, letterboxed: torch.Tensor) -> torch.Tensor:
+        """An (N, 3, H, W) uint8 letterboxed batch as the network takes it: 0..1, in its dtype and
+        memory format."""
+        return letterboxed.to(self.dtype, memory_format=self.memory_format).div_(255)
+
     @torch.inference_mode()
     def detections(self, letterboxed: torch.Tensor) -> list[torch.Tensor]:
         """Per image of an (N, 3, H, W) uint8 batch, an (n, 6) tensor on the device: x1, y1, x2, y2
         in letterbox pixels, score, class."""
-        output = self.network(letterboxed.to(self.dtype).div_(255))
+        output = self.network(self.network_input(letterboxed))
         predictions = output[0] if isinstance(output, (tuple, list)) else output
         if self.end2end:
             from ultralytics.utils.nms import non_max_suppression

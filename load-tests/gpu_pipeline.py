@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import itertools
 import json
 import statistics
@@ -44,7 +45,7 @@ from inference.devices import resolve_device  # noqa: E402
 from inference.engine import EngineConfig, TaggingEngine  # noqa: E402
 from inference.fusion import fuse  # noqa: E402
 from inference.image_header import decode_with_pil  # noqa: E402
-from inference.pipeline import DevicePipeline, _boxes, batched_nms  # noqa: E402
+from inference.pipeline import DevicePipeline, YoloNetwork, _boxes, batched_nms  # noqa: E402
 
 
 def photo_bytes(limit: int) -> list[bytes]:
@@ -161,6 +162,8 @@ def main() -> int:
             ("models alone", models_alone),
             ("pipeline from bytes", lambda index: pipeline.predict(batch(index, size))),
         ]
+        if device.type == "cuda" and engine.detectors[0].weights.suffix == ".pt":
+            stages += detector_memory_formats(pipeline.detectors[0], letterboxed)
         if not args.skip_reference:
             stages.append(("reference: PIL + engine", reference))
         for (stage, _), result in zip(stages, measure(stages, size, args.seconds, args.min_batches, device)):
@@ -192,6 +195,24 @@ def main() -> int:
             "breakdown": {"batch_size": args.breakdown, "steps_ms": dict(steps)} if steps else None,
         }))
     return 0
+
+
+def detector_memory_formats(network: YoloNetwork, letterboxed: torch.Tensor) -> list[Stage]:
+    """The detector's network alone as the pipeline runs it (channels last) and in the default
+    layout, side by side: half-precision convolutions should prefer channels last on tensor cores,
+    and this shows whether they do."""
+    nchw = copy.deepcopy(network.network).to(memory_format=torch.contiguous_format)
+
+    @torch.inference_mode()
+    def as_the_pipeline_runs_it(_: int) -> None:
+        network.network(network.network_input(letterboxed))
+
+    @torch.inference_mode()
+    def default_layout(_: int) -> None:
+        nchw(letterboxed.to(network.dtype).div_(255))
+
+    return [("detector network alone, channels_last", as_the_pipeline_runs_it),
+            ("detector network alone, NCHW", default_layout)]
 
 
 def measure_replicas(
@@ -270,7 +291,7 @@ def breakdown(pipeline: DevicePipeline, datas: list[bytes], rounds: int = 10) ->
         return out
 
     def detector_network() -> list[torch.Tensor]:
-        outputs = [network.network(group.batch.to(network.dtype).div_(255)) for group in groups]
+        outputs = [network.network(network.network_input(group.batch)) for group in groups]
         return [output[0] if isinstance(output, (tuple, list)) else output for output in outputs]
 
     def nms() -> list[list[torch.Tensor]]:
