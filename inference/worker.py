@@ -309,11 +309,13 @@ class Worker:
             async with self._pixels_freed:
                 await self._pixels_freed.wait_for(lambda: pixels <= self._pixels_free)
                 self._pixels_free -= pixels
-        engine, executor = await self._idle.get()
         try:
-            return await asyncio.get_running_loop().run_in_executor(executor, self._predict, engine, jobs, pixels)
+            engine, executor = await self._idle.get()
+            try:
+                return await asyncio.get_running_loop().run_in_executor(executor, self._predict, engine, jobs, pixels)
+            finally:
+                self._idle.put_nowait((engine, executor))
         finally:
-            self._idle.put_nowait((engine, executor))
             if budgeted:
                 async with self._pixels_freed:
                     self._pixels_free += pixels

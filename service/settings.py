@@ -137,7 +137,9 @@ class Settings(BaseSettings):
     # Two engines overlap one batch's Python work with the other's model work: on the 2-core
     # development machine that is +10% throughput at concurrency 32 and no cost at concurrency 1
     # (load-tests/benchmark.py, IMAGETAG_MODEL_REPLICAS=1 vs 2).
-    model_replicas: int = Field(2, ge=1, le=16, description="engines serving batches side by side in one process (embedded or `imagetag worker`)")
+    model_replicas: int = Field(
+        2, ge=1, le=16, description="engines serving batches side by side in one process (embedded or `imagetag worker`)"
+    )
     pixel_budget_mp: float = Field(
         24.0,
         gt=0,

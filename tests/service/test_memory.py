@@ -140,22 +140,29 @@ def test_a_large_png_costs_its_pixels_once_and_is_given_back(server):
     assert after - idle <= 80, idle
 
 
-def test_a_burst_of_large_jpegs_stays_within_the_bound_and_is_given_back(server):
+def test_bursts_of_large_jpegs_stay_within_the_bound_and_are_given_back(server):
     pid = server.process.pid
     jpegs = [large_jpeg(seed) for seed in range(16)]
     idle = settled_rss(pid, 1.0)
-    with PeakRss(pid) as rss:
-        responses = burst(server, jpegs)
-    assert [response.status_code for response in responses] == [200] * 16
-    assert all("tags" in response.json()["result"] for response in responses)
+    peaks, settled = [], []
+    for _ in range(3):
+        with PeakRss(pid) as rss:
+            responses = burst(server, jpegs)
+        assert [response.status_code for response in responses] == [200] * 16
+        assert all("tags" in response.json()["result"] for response in responses)
+        peaks.append(rss.peak)
+        settled.append(settled_rss(pid))
     # Each is decoded at 1024x1024; the batches hold at most the budget of them at once.
     in_flight = min(BUDGET_MP * 1e6, 16 * 1024 * 1024)
     bound = (in_flight * BYTES_PER_PIXEL + ENCODED_COPIES * sum(map(len, jpegs))) / MB
-    after = settled_rss(pid)
     size_mb = sum(map(len, jpegs)) / len(jpegs) / MB
-    report(f"16 concurrent 4096x4096 JPEGs ({size_mb:.1f} MB each)", idle, rss.peak, bound, after)
-    assert rss.peak - idle <= bound, (idle, rss.peak, bound)
-    assert after - idle <= 80, idle
+    report(f"16 concurrent 4096x4096 JPEGs ({size_mb:.1f} MB each), three bursts", idle, max(peaks), bound, settled[-1])
+    assert max(peaks) - idle <= bound, (idle, peaks, bound)
+    # What a burst leaves behind varied from 17 to 87 MB over nine runs here (the runtimes' buffers
+    # for batch sizes the warm-up did not meet, allocator arenas), against a peak of 230-300 MB;
+    # what matters is that bursts do not add up.
+    assert settled[0] - idle <= 120, (idle, settled)
+    assert settled[-1] - settled[0] <= 40, (idle, settled)
 
 
 def test_an_image_larger_than_the_budget_is_refused_and_one_that_fits_is_tagged(tmp_path):
