@@ -120,7 +120,11 @@ def test_thirty_two_images_pass_one_inference_slot(tmp_path):
     with gateway(tmp_path, Recording(delay_s=0.5), max_concurrent_per_project=1, rate_limit_burst=100) as server:
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(batch, server, {"images": [{"image": photo_base64("cat_chelsea.jpg")}] * 32})
-            time.sleep(0.2)
+            # Not a fixed pause: on a busy machine the 32 images' parsing alone outlasted one.
+            deadline = time.monotonic() + 10
+            while not server.inference.calls:
+                assert time.monotonic() < deadline, "the first call never reached the models"
+                time.sleep(0.01)
             second = pool.submit(batch, server, {"images": [{"image": photo_base64("cat_chelsea.jpg")}]})
             first, second = first.result(), second.result()
     assert first.status_code == 200 and len(first.json()["results"]) == 32
