@@ -6,11 +6,16 @@ JPEGs decoded on the device together, other formats by PIL (inference/device_ima
 classifier's crop and resize and the detector's letterbox made there; both models on the one
 batch (half precision on CUDA); NMS there over the whole batch; one transfer back for fusion.
 
-Stalls it avoids: every new input shape can cost a cuDNN algorithm search, so batches run only at
-bucketed sizes (1, 2, 4, ... up to `max_batch`, padded with blank images) and at three letterbox
-shapes, and `warm_up()` runs every bucket at every shape once at start. A batch that fails is
-logged and counted before its images are retried one by one, so it shows up as an error, not as
-slowness.
+Stalls it avoids: every new input shape costs each convolution a cuDNN execution plan (built once
+per shape, then cached), so batches run only at bucketed sizes (1, 2, 4, ... up to `max_batch`,
+padded with blank images) and at three letterbox shapes, and `warm_up()` runs every bucket at
+every shape once at start. A batch that fails is logged and counted before its images are
+retried one by one, so it shows up as an error, not as slowness.
+
+A pipeline serves one thread. `replica()` gives another over the same weights for another
+thread, with its own detector copy and CUDA stream, so that one replica's CPU work (decode
+set-up, boxes, fusion) overlaps another's kernels; the embedded batcher and `imagetag worker`
+run `IMAGETAG_MODEL_REPLICAS` of them.
 
 Ultralytics' predictor (which letterboxes on the CPU, one image at a time) is not on this path:
 `.pt` detectors run their network directly; exported ones (ONNX, OpenVINO, TFLite) run through
@@ -199,7 +204,7 @@ class DevicePipeline:
         pad_to_buckets: bool | None = None,
         side_limits: tuple[int, int] | None = None,
     ) -> None:
-        """`pad_to_buckets`, None: on CUDA only. A CPU has no algorithm search to avoid, and a
+        """`pad_to_buckets`, None: on CUDA only. A CPU pays little for a new shape, and a
         padded image costs it as much as a real one. `side_limits`: (shortest side at least,
         longest side at most), checked on each header before its pixels are decoded; the
         gateway checks them too, this keeps a pipeline fed from elsewhere safe."""
@@ -257,7 +262,7 @@ class DevicePipeline:
 
     def warm_up(self) -> None:
         """Runs every bucket at every letterbox shape once, so no request pays for a first-time
-        shape (cuDNN's algorithm search, lazy kernels) or for nvJPEG's setup."""
+        shape (cuDNN's plans, lazily loaded kernels) or for nvJPEG's setup."""
         shapes = dict.fromkeys(shape for network in self.detectors for shape in network.shapes)
         for height, width in shapes or [(self.letterbox_size, self.letterbox_size)]:
             # A quarter larger than its letterbox, so the resize kernels load now too.
