@@ -110,6 +110,7 @@ class Report:
     ceilings: list[Ceiling] = field(default_factory=list)
     fusion_ms_per_image: float | None = None
     breakdown: dict | None = None  # the pipeline's steps on one batch of the largest size (gpu_pipeline.py)
+    new_shape_ms: dict | None = None  # both networks on a shape never met: the first call, then again
     points: list[Point] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -195,6 +196,7 @@ def ceilings(report: Report, args: argparse.Namespace, env: dict[str, str]) -> N
     report.device, report.gpu = result["device"], result["gpu"]
     report.fusion_ms_per_image = result["fusion_ms_per_image"]
     report.breakdown = result["breakdown"]
+    report.new_shape_ms = result.get("new_shape_ms")
     report.ceilings = [Ceiling(**row) for row in result["rows"]]
     for c in report.ceilings:
         peak = f", peak GPU {c.peak_gpu_mb:.0f} MB" if c.peak_gpu_mb is not None else ""
@@ -311,6 +313,9 @@ def markdown(report: Report) -> str:
         lines.append(f"| {c.stage} | {c.batch_size} | {c.images_per_s:.1f} | {c.median_batch_ms:.1f} | {peak} |")
     if report.fusion_ms_per_image is not None:
         lines += ["", f"Fusion alone: {report.fusion_ms_per_image:.3f} ms per image."]
+    if report.new_shape_ms:
+        lines += ["", f"Both networks on a shape never met before (batch 3, 544x640): the first call "
+                  f"{report.new_shape_ms['first']:.1f} ms, the same call again {report.new_shape_ms['again']:.1f} ms."]
     if report.breakdown:
         lines += ["", f"The pipeline step by step, batch {report.breakdown['batch_size']} (median, synchronised after "
                   "each step):", "", "| step | ms per batch |", "|---|---|"]

@@ -148,6 +148,7 @@ def main() -> int:
         return [photos[(start + i) % len(photos)] for i in range(size)]
 
     rows: list[tuple[str, int, dict[str, float]]] = []
+    new_shape: dict[str, float] | None = None
     for size in batch_sizes:
         classifier_input = torch.randn(size, 3, INPUT_SIZE, INPUT_SIZE, device=device)
         square = pipeline.letterbox_size
@@ -201,6 +202,9 @@ def main() -> int:
         for (stage, _), result in zip(stages, measure(stages, size, args.seconds, args.min_batches, device)):
             rows.append((stage, size, result))
             print_row(*rows[-1])
+        new_shape = first_time_shape_ms(engine, network, device)
+        print(f"a shape never met before (batch 3, 544x640): first call {new_shape['first']:.1f} ms, "
+              f"then {new_shape['again']:.1f} ms")
     if args.json:
         args.json.write_text(json.dumps({
             "device": str(device),
@@ -208,6 +212,7 @@ def main() -> int:
             "rows": [{"stage": stage, "batch_size": size, **result} for stage, size, result in rows],
             "fusion_ms_per_image": fusion_ms,
             "breakdown": {"batch_size": args.breakdown, "steps_ms": dict(steps)} if steps else None,
+            "new_shape_ms": new_shape,
         }))
     return 0
 
@@ -263,6 +268,24 @@ def models_in_a_cuda_graph(
         graph.replay()
 
     return [("models in one CUDA graph", replay)]
+
+
+@torch.inference_mode()
+def first_time_shape_ms(engine: TaggingEngine, network: YoloNetwork, device: torch.device) -> dict[str, float]:
+    """Both networks on an input shape none of the pipeline's buckets and letterboxes has, the
+    first call against the same call again: what a new shape costs (its convolutions' cuDNN
+    plans, lazily loaded kernels), the suspected cause of the service's old collapse."""
+    classifier_input = torch.randn(3, 3, INPUT_SIZE + 4, INPUT_SIZE + 4, device=device)
+    letterboxed = torch.full((3, 3, 544, 640), 114, dtype=torch.uint8, device=device)
+    timings = []
+    for _ in range(2):
+        torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        engine.classifier.logits(classifier_input)
+        network.network(network.network_input(letterboxed))
+        torch.cuda.synchronize(device)
+        timings.append(1000 * (time.perf_counter() - begin))
+    return {"first": timings[0], "again": timings[1]}
 
 
 def measure_replicas(
