@@ -12,8 +12,9 @@
 - with `--breakdown N`: the milliseconds of each step of the pipeline on one batch of N, the
   device synchronised after each step, so the step that is the wall shows;
 - on CUDA, last and at the largest batch, experiments beside what the pipeline runs: the
-  detector's network in the default layout against channels last, and both networks replayed
-  from one CUDA graph against "models alone".
+  detector's network in the default layout against channels last, both networks replayed from
+  one CUDA graph against "models alone", and what an input shape never met costs both networks'
+  first call.
 
 Each at several batch sizes, over the real photos of tests/photos and tests/evalset/photos,
 printing images/s and, on CUDA, the peak GPU memory of each measurement (`--json` writes them too;
