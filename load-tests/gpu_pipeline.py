@@ -189,33 +189,51 @@ def main() -> int:
         print(f"\nthe pipeline step by step, batch {args.breakdown} (median of 10, synchronised after each step):")
         for name, ms in steps:
             print(f"  {name:36s} {ms:8.2f} ms")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+    def write_json() -> None:
+        if args.json:
+            args.json.write_text(json.dumps({
+                "device": str(device),
+                "gpu": gpu,
+                "rows": [{"stage": stage, "batch_size": size, **result} for stage, size, result in rows],
+                "fusion_ms_per_image": fusion_ms,
+                "breakdown": {"batch_size": args.breakdown, "steps_ms": dict(steps)} if steps else None,
+                "new_shape_ms": new_shape,
+            }))
+
+    write_json()
     if device.type == "cuda" and engine.detectors[0].weights.suffix == ".pt":
-        # Last, at the largest batch only: should one of these break the device, the figures
-        # above are already taken.
-        size = max(batch_sizes)
-        classifier_input = torch.randn(size, 3, INPUT_SIZE, INPUT_SIZE, device=device)
-        square = pipeline.letterbox_size
-        letterboxed = torch.full((size, 3, square, square), 114, dtype=torch.uint8, device=device)
-        network = pipeline.detectors[0]
-        stages = detector_memory_formats(network, letterboxed)
-        stages += models_in_a_cuda_graph(engine, network, classifier_input, letterboxed)
-        print("\nexperiments, each against what the pipeline runs:")
-        for (stage, _), result in zip(stages, measure(stages, size, args.seconds, args.min_batches, device)):
-            rows.append((stage, size, result))
-            print_row(*rows[-1])
-        new_shape = first_time_shape_ms(engine, network, device)
-        print(f"a shape never met before (batch 3, 544x640): first call {new_shape['first']:.1f} ms, "
-              f"then {new_shape['again']:.1f} ms")
-    if args.json:
-        args.json.write_text(json.dumps({
-            "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "rows": [{"stage": stage, "batch_size": size, **result} for stage, size, result in rows],
-            "fusion_ms_per_image": fusion_ms,
-            "breakdown": {"batch_size": args.breakdown, "steps_ms": dict(steps)} if steps else None,
-            "new_shape_ms": new_shape,
-        }))
+        # Last, at the largest batch only, the figures above already written: should one of these
+        # break the device, they are kept.
+        try:
+            new_shape = first_time_shape_ms(engine, pipeline.detectors[0], device)
+            print(f"\na shape never met before (batch 3, 544x640): first call {new_shape['first']:.1f} ms, "
+                  f"then {new_shape['again']:.1f} ms")
+            rows += experiments(engine, pipeline, max(batch_sizes), args, device)
+        except Exception as error:
+            print(f"the experiments failed: {error!r}", flush=True)
+        write_json()
     return 0
+
+
+def experiments(
+    engine: TaggingEngine, pipeline: DevicePipeline, size: int, args: argparse.Namespace, device: torch.device
+) -> list[tuple[str, int, dict[str, float]]]:
+    """The detector in both layouts and both networks from one CUDA graph, beside what the
+    pipeline runs, at batch `size`."""
+    classifier_input = torch.randn(size, 3, INPUT_SIZE, INPUT_SIZE, device=device)
+    square = pipeline.letterbox_size
+    letterboxed = torch.full((size, 3, square, square), 114, dtype=torch.uint8, device=device)
+    network = pipeline.detectors[0]
+    stages = detector_memory_formats(network, letterboxed)
+    stages += models_in_a_cuda_graph(engine, network, classifier_input, letterboxed)
+    print("experiments, each against what the pipeline runs:")
+    rows = []
+    for (stage, _), result in zip(stages, measure(stages, size, args.seconds, args.min_batches, device)):
+        rows.append((stage, size, result))
+        print_row(*rows[-1])
+    return rows
 
 
 def detector_memory_formats(network: YoloNetwork, letterboxed: torch.Tensor) -> list[Stage]:
