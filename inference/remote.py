@@ -51,15 +51,22 @@ from inference.vocabulary import Vocabulary
 log = logging.getLogger(__name__)
 
 # Checks for a live worker and the queue bound, then adds all of a request's jobs or none, in one
-# atomic step. Liveness uses Redis's clock so that no two hosts' clocks need to agree.
+# atomic step. Liveness uses Redis's clock so that no two hosts' clocks need to agree. The bound
+# counts the jobs no worker has taken yet, as the embedded queue does: the stream holds those and
+# the ones workers have read and not yet answered (the group's pending entries). Counting the
+# latter too would let the workers' own rounds (a round per model replica and one read ahead)
+# fill the queue and keep a GPU worker from reading ahead.
 _ENQUEUE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 if redis.call('ZCOUNT', KEYS[2], now, '+inf') == 0 then return -1 end
-local jobs = (#ARGV - 2) / 5
-if redis.call('XLEN', KEYS[1]) + jobs > tonumber(ARGV[1]) then return -2 end
+local jobs = (#ARGV - 3) / 5
+local waiting = redis.call('XLEN', KEYS[1])
+local pending = redis.pcall('XPENDING', KEYS[1], ARGV[3])
+if type(pending) == 'table' and not pending.err then waiting = waiting - pending[1] end
+if waiting + jobs > tonumber(ARGV[1]) then return -2 end
 for i = 0, jobs - 1 do
-  local a = 3 + i * 5
+  local a = 4 + i * 5
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'job', ARGV[a], 'reply', ARGV[a + 1],
              'deadline', ARGV[a + 2], 'image', ARGV[a + 3], 'trace', ARGV[a + 4])
 end
@@ -182,8 +189,10 @@ class RemoteInference:
         self._trace_context = trace_context or (lambda: "")
         self._channels = channels
         self._queue_max = queue_max
-        # A bound for the stream should a gateway ever skip the check; trimming drops jobs.
-        self._stream_max = max(4 * queue_max, 1000)
+        # A bound for the stream should a gateway ever skip the check; trimming drops jobs, so it
+        # sits far above what the check lets through: the queue, and the workers' own rounds (192
+        # for one GPU worker at its defaults) on top of it.
+        self._stream_max = max(4 * queue_max, 10_000)
         self._default_timeout_s = default_timeout_s
         self._liveness_poll_s = liveness_poll_s
         self._outage_grace_s = outage_grace_s
@@ -274,7 +283,7 @@ class RemoteInference:
 
     async def _submit(self, job_ids: list[str], images: list[bytes], deadline: float) -> None:
         epoch_deadline = repr(time.time() + deadline - time.monotonic())
-        args: list[str | int | bytes] = [self._queue_max, self._stream_max]
+        args: list[str | int | bytes] = [self._queue_max, self._stream_max, self._channels.group]
         trace = self._trace_context()
         for job_id, image in zip(job_ids, images):
             args += [job_id, self._reply_key, epoch_deadline, image, trace]

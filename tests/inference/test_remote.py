@@ -369,6 +369,37 @@ def test_full_queue_refuses_at_once(redis_server: RedisProcess):
     run(body())
 
 
+def test_jobs_a_worker_has_taken_leave_the_queue_bound(redis_server: RedisProcess):
+    """As in one process, the bound is on images waiting for the models, not those in them: a
+    worker's rounds in hand must not fill the gateways' queue."""
+    url = fresh_db(redis_server, 3)
+    fake_live_worker(url)
+    image = photo("bus.jpg")
+
+    async def body() -> None:
+        async with gateway(url, queue_max=2) as inference:
+            waiting = [asyncio.create_task(inference.tag([image])) for _ in range(2)]
+            await asyncio.sleep(0.2)
+            with pytest.raises(QueueFull):
+                await inference.tag([image])
+            with redis.Redis.from_url(url) as client:  # a worker takes both into its round
+                client.xgroup_create(CHANNELS.stream, CHANNELS.group, id="0", mkstream=True)
+                taken = client.xreadgroup(CHANNELS.group, "busy-worker", {CHANNELS.stream: ">"}, count=10)
+                assert len(taken[0][1]) == 2
+            waiting.append(asyncio.create_task(inference.tag([image, image])))  # room for two again
+            await asyncio.sleep(0.2)
+            assert not waiting[-1].done()  # queued, not refused
+            with pytest.raises(QueueFull):
+                await inference.tag([image])
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+        with redis.Redis.from_url(url) as client:
+            assert client.xlen(CHANNELS.stream) == 4
+
+    run(body())
+
+
 def test_deadline_exceeded_promptly(redis_server: RedisProcess):
     url = fresh_db(redis_server, 3)
     fake_live_worker(url)
