@@ -328,7 +328,9 @@ class Worker:
             self._trimmer.freed(pixels)
 
     async def _answer(self, replies: list[tuple[Job, TagResult | DeadlineExceeded]], entry_ids: list[bytes]) -> int:
-        """Pushes the results, then acks and deletes the entries; gives the jobs still queued."""
+        """Pushes the results, then acks and deletes the entries; gives the jobs no worker has
+        taken yet (the stream's length less the group's pending entries), the queue the gateways
+        bound."""
         channels = self._config.channels
         # Not a transaction: reply streams and the job stream may live on different cluster nodes,
         # and a result sent twice is harmless. Results first: an ack must never outrun its result.
@@ -344,7 +346,9 @@ class Worker:
         pipe.xack(channels.stream, channels.group, *entry_ids)
         pipe.xdel(channels.stream, *entry_ids)
         pipe.xlen(channels.stream)
-        return int((await pipe.execute())[-1])
+        pipe.xpending(channels.stream, channels.group)
+        *_, length, pending = await pipe.execute()
+        return max(0, int(length) - int(pending["pending"]))
 
     async def _forget_dead_consumers(self) -> None:
         # Every restart adds a consumer to the group; drop those with no heartbeat and nothing

@@ -31,12 +31,14 @@ class Recorder:
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail
         self.calls: list[tuple] = []
+        self.queue_depths: list[int] = []
 
     def loaded(self) -> None:
         self.calls.append(("loaded",))
 
     def batch(self, stats: BatchStats) -> None:
         self.calls.append(("batch", stats.size))
+        self.queue_depths.append(stats.queue_depth)
         if self.fail:
             raise RuntimeError("a broken exporter")
 
@@ -130,10 +132,11 @@ def test_each_replica_runs_a_round_while_one_more_is_read_and_no_more(redis_serv
         engines.append(HeldEngine(release))
         return engines[-1]
 
-    async def scenario() -> tuple[list[list[int]], int, list]:
+    async def scenario() -> tuple[list[list[int]], int, list, list[int]]:
         client = Redis.from_url(url)
         config = WorkerConfig(heartbeat_s=0.2, max_batch_size=1, replicas=replicas)
-        worker = Worker(client, build, config, Recorder())
+        recorder = Recorder()
+        worker = Worker(client, build, config, recorder)
         running = asyncio.create_task(worker.run())
         try:
             async with gateway(url) as inference:
@@ -149,15 +152,18 @@ def test_each_replica_runs_a_round_while_one_more_is_read_and_no_more(redis_serv
                 await asyncio.sleep(0.3)  # time enough to read one more, were it allowed
                 in_hand, sizes = await delivered(), [list(engine.sizes) for engine in engines]
                 release.set()
-                return sizes, in_hand, await tagging
+                return sizes, in_hand, await tagging, recorder.queue_depths
         finally:
             release.set()
             worker.stop()
             await asyncio.wait_for(running, 10)
             await client.aclose()
 
-    sizes, in_hand, results = asyncio.run(scenario())
+    sizes, in_hand, results, depths = asyncio.run(scenario())
     assert sizes == [[1]] * replicas  # every replica busy at once
+    # The first round answered leaves one job waiting and the others in the replicas or read
+    # ahead: its queue depth is the one waiting, what the gateways' bound counts.
+    assert depths[0] == 1
     assert in_hand == replicas + 1  # and one round read, waiting for the first that is free
     assert all([t.tag.key for t in result] == ["cat"] for result in results)
     assert sum(len(engine.sizes) for engine in engines) == replicas + 2
