@@ -343,7 +343,9 @@ def test_no_live_worker_fails_fast(redis_server: RedisProcess):
     run(body())
 
 
-def test_full_queue_refuses_at_once(redis_server: RedisProcess):
+def test_full_queue_refuses_at_once_and_jobs_a_worker_has_taken_leave_it(redis_server: RedisProcess):
+    """As in one process, the bound is on images waiting for the models, not those in them: a
+    worker's rounds in hand must not fill the gateways' queue."""
     url = fresh_db(redis_server, 3)
     fake_live_worker(url)
     image = photo("bus.jpg")
@@ -360,33 +362,11 @@ def test_full_queue_refuses_at_once(redis_server: RedisProcess):
             with pytest.raises(QueueFull):
                 await inference.tag([image])
             assert time.monotonic() - started < 0.5
-            for task in waiting:
-                task.cancel()
-            await asyncio.gather(*waiting, return_exceptions=True)
-        with redis.Redis.from_url(url) as client:
-            assert client.xlen(CHANNELS.stream) == 4
-
-    run(body())
-
-
-def test_jobs_a_worker_has_taken_leave_the_queue_bound(redis_server: RedisProcess):
-    """As in one process, the bound is on images waiting for the models, not those in them: a
-    worker's rounds in hand must not fill the gateways' queue."""
-    url = fresh_db(redis_server, 3)
-    fake_live_worker(url)
-    image = photo("bus.jpg")
-
-    async def body() -> None:
-        async with gateway(url, queue_max=2) as inference:
-            waiting = [asyncio.create_task(inference.tag([image])) for _ in range(2)]
-            await asyncio.sleep(0.2)
-            with pytest.raises(QueueFull):
-                await inference.tag([image])
-            with redis.Redis.from_url(url) as client:  # a worker takes both into its round
+            with redis.Redis.from_url(url) as client:  # a worker takes all four into its rounds
                 client.xgroup_create(CHANNELS.stream, CHANNELS.group, id="0", mkstream=True)
                 taken = client.xreadgroup(CHANNELS.group, "busy-worker", {CHANNELS.stream: ">"}, count=10)
-                assert len(taken[0][1]) == 2
-            waiting.append(asyncio.create_task(inference.tag([image, image])))  # room for two again
+                assert len(taken[0][1]) == 4
+            waiting.append(asyncio.create_task(inference.tag([image] * 4)))  # room for four again
             await asyncio.sleep(0.2)
             assert not waiting[-1].done()  # queued, not refused
             with pytest.raises(QueueFull):
@@ -395,7 +375,7 @@ def test_jobs_a_worker_has_taken_leave_the_queue_bound(redis_server: RedisProces
                 task.cancel()
             await asyncio.gather(*waiting, return_exceptions=True)
         with redis.Redis.from_url(url) as client:
-            assert client.xlen(CHANNELS.stream) == 4
+            assert client.xlen(CHANNELS.stream) == 8
 
     run(body())
 
