@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from inference.classifier import INPUT_SIZE, normalize  # noqa: E402
-from inference.device_images import decode_for_models, decode_images  # noqa: E402
+from inference.device_images import LETTERBOX_GREY, decode_for_models, decode_images  # noqa: E402
 from inference.devices import resolve_device  # noqa: E402
 from inference.engine import EngineConfig, TaggingEngine  # noqa: E402
 from inference.fusion import fuse  # noqa: E402
@@ -151,9 +151,7 @@ def main() -> int:
     rows: list[tuple[str, int, dict[str, float]]] = []
     new_shape: dict[str, float] | None = None
     for size in batch_sizes:
-        classifier_input = torch.randn(size, 3, INPUT_SIZE, INPUT_SIZE, device=device)
-        square = pipeline.letterbox_size
-        letterboxed = torch.full((size, 3, square, square), 114, dtype=torch.uint8, device=device)
+        classifier_input, letterboxed = prepared_inputs(pipeline, size)
 
         def models_alone(_: int) -> None:
             engine.classifier.logits(classifier_input)
@@ -169,9 +167,7 @@ def main() -> int:
         ]
         if not args.skip_reference:
             stages.append(("reference: PIL + engine", reference))
-        for (stage, _), result in zip(stages, measure(stages, size, args.seconds, args.min_batches, device)):
-            rows.append((stage, size, result))
-            print_row(*rows[-1])
+        rows += measured_rows(stages, size, args, device)
         if len(replicas) > 1:
             result = measure_replicas(replicas, lambda index: batch(index, size), size, args.seconds, device)
             rows.append((f"pipeline from bytes, {len(replicas)} replicas", size, result))
@@ -222,17 +218,32 @@ def experiments(
 ) -> list[tuple[str, int, dict[str, float]]]:
     """The detector in both layouts and both networks from one CUDA graph, beside what the
     pipeline runs, at batch `size`."""
-    classifier_input = torch.randn(size, 3, INPUT_SIZE, INPUT_SIZE, device=device)
-    square = pipeline.letterbox_size
-    letterboxed = torch.full((size, 3, square, square), 114, dtype=torch.uint8, device=device)
+    classifier_input, letterboxed = prepared_inputs(pipeline, size)
     network = pipeline.detectors[0]
     stages = detector_memory_formats(network, letterboxed)
     stages += models_in_a_cuda_graph(engine, network, classifier_input, letterboxed)
     print("experiments, each against what the pipeline runs:")
-    rows = []
-    for (stage, _), result in zip(stages, measure(stages, size, args.seconds, args.min_batches, device)):
-        rows.append((stage, size, result))
-        print_row(*rows[-1])
+    return measured_rows(stages, size, args, device)
+
+
+def prepared_inputs(pipeline: DevicePipeline, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of `size` as both networks take it already on the device: the classifier's
+    (size, 3, 260, 260) input and a grey square letterbox."""
+    square = pipeline.letterbox_size
+    return (
+        torch.randn(size, 3, INPUT_SIZE, INPUT_SIZE, device=pipeline.device),
+        torch.full((size, 3, square, square), LETTERBOX_GREY, dtype=torch.uint8, device=pipeline.device),
+    )
+
+
+def measured_rows(
+    stages: list[Stage], size: int, args: argparse.Namespace, device: torch.device
+) -> list[tuple[str, int, dict[str, float]]]:
+    """`measure`'s result for each stage as a table row, each printed as it is taken."""
+    results = measure(stages, size, args.seconds, args.min_batches, device)
+    rows = [(stage, size, result) for (stage, _), result in zip(stages, results)]
+    for row in rows:
+        print_row(*row)
     return rows
 
 
