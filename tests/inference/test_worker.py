@@ -4,7 +4,9 @@ is answered and reported. `test_remote.py` runs real `imagetag worker` processes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -49,17 +51,23 @@ class Recorder:
         self.calls.append(("up", serving))
 
 
-async def serve_and_tag(url: str, observer: Recorder, *images, engine=StandInEngine, **config) -> list:
+@contextlib.asynccontextmanager
+async def serving(url: str, build: Callable, observer: Recorder, **config) -> AsyncIterator[Redis]:
+    """A worker running in this loop until the block ends; its Redis client to look with."""
     client = Redis.from_url(url)
-    worker = Worker(client, engine, WorkerConfig(heartbeat_s=0.2, **config), observer)
+    worker = Worker(client, build, WorkerConfig(heartbeat_s=0.2, **config), observer)
     running = asyncio.create_task(worker.run())
     try:
-        async with gateway(url) as inference:
-            return await inference.tag(list(images))
+        yield client
     finally:
         worker.stop()
         await asyncio.wait_for(running, 10)
         await client.aclose()
+
+
+async def serve_and_tag(url: str, observer: Recorder, *images, engine=StandInEngine, **config) -> list:
+    async with serving(url, engine, observer, **config), gateway(url) as inference:
+        return await inference.tag(list(images))
 
 
 def test_each_job_gets_its_own_result_and_the_observer_hears_of_it(redis_server: RedisProcess):
@@ -120,84 +128,81 @@ class HeldEngine(StandInEngine):
         return super().predict(images)
 
 
+class HeldReplicas:
+    """Builds one `HeldEngine` per replica, all let go by one `release`."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.engines: list[HeldEngine] = []
+
+    def __call__(self) -> HeldEngine:
+        self.engines.append(HeldEngine(self.release))
+        return self.engines[-1]
+
+    def sizes(self) -> list[list[int]]:
+        return [list(engine.sizes) for engine in self.engines]
+
+    @contextlib.contextmanager
+    def let_go_at_the_end(self) -> Iterator[None]:
+        """Releases the engines however the block ends, before the worker is stopped: a stopping
+        worker waits for the rounds in its models."""
+        try:
+            yield
+        finally:
+            self.release.set()
+
+
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_each_replica_runs_a_round_while_one_more_is_read_and_no_more(redis_server: RedisProcess, replicas: int):
     """The device must not wait on Redis between batches, nor one worker hoard the queue."""
     url = fresh_db(redis_server, 6)
-    release = threading.Event()
-    engines: list[HeldEngine] = []
+    held = HeldReplicas()
     channels = Channels()
+    recorder = Recorder()
 
-    def build() -> HeldEngine:
-        engines.append(HeldEngine(release))
-        return engines[-1]
+    async def scenario() -> tuple[list[list[int]], int, list]:
+        async with serving(url, held, recorder, max_batch_size=1, replicas=replicas) as client:
+            with held.let_go_at_the_end():
+                async with gateway(url) as inference:
+                    tagging = asyncio.create_task(inference.tag([photo("bus.jpg")] * (replicas + 2)))
 
-    async def scenario() -> tuple[list[list[int]], int, list, list[int]]:
-        client = Redis.from_url(url)
-        config = WorkerConfig(heartbeat_s=0.2, max_batch_size=1, replicas=replicas)
-        recorder = Recorder()
-        worker = Worker(client, build, config, recorder)
-        running = asyncio.create_task(worker.run())
-        try:
-            async with gateway(url) as inference:
-                tagging = asyncio.create_task(inference.tag([photo("bus.jpg")] * (replicas + 2)))
+                    async def delivered() -> int:
+                        return (await client.xpending(channels.stream, channels.group))["pending"]
 
-                async def delivered() -> int:
-                    return (await client.xpending(channels.stream, channels.group))["pending"]
+                    deadline = asyncio.get_running_loop().time() + 10
+                    while await delivered() < replicas + 1:
+                        assert asyncio.get_running_loop().time() < deadline, "the rounds were never read"
+                        await asyncio.sleep(0.02)
+                    await asyncio.sleep(0.3)  # time enough to read one more, were it allowed
+                    in_hand, sizes = await delivered(), held.sizes()
+                    held.release.set()
+                    return sizes, in_hand, await tagging
 
-                deadline = asyncio.get_running_loop().time() + 10
-                while await delivered() < replicas + 1:
-                    assert asyncio.get_running_loop().time() < deadline, "the rounds were never read"
-                    await asyncio.sleep(0.02)
-                await asyncio.sleep(0.3)  # time enough to read one more, were it allowed
-                in_hand, sizes = await delivered(), [list(engine.sizes) for engine in engines]
-                release.set()
-                return sizes, in_hand, await tagging, recorder.queue_depths
-        finally:
-            release.set()
-            worker.stop()
-            await asyncio.wait_for(running, 10)
-            await client.aclose()
-
-    sizes, in_hand, results, depths = asyncio.run(scenario())
+    sizes, in_hand, results = asyncio.run(scenario())
     assert sizes == [[1]] * replicas  # every replica busy at once
     # The first round answered leaves one job waiting and the others in the replicas or read
     # ahead: its queue depth is the one waiting, what the gateways' bound counts.
-    assert depths[0] == 1
+    assert recorder.queue_depths[0] == 1
     assert in_hand == replicas + 1  # and one round read, waiting for the first that is free
     assert all([t.tag.key for t in result] == ["cat"] for result in results)
-    assert sum(len(engine.sizes) for engine in engines) == replicas + 2
+    assert sum(len(engine.sizes) for engine in held.engines) == replicas + 2
 
 
 def test_replicas_share_the_pixel_budget(redis_server: RedisProcess):
     """Two replicas, two rounds of one image each, and a budget that holds one such image: the
     second round waits for the first to leave the models."""
-    release = threading.Event()
-    engines: list[HeldEngine] = []
-
-    def build() -> HeldEngine:
-        engines.append(HeldEngine(release))
-        return engines[-1]
-
     url = fresh_db(redis_server, 6)
+    held = HeldReplicas()
 
     async def scenario() -> tuple[list[list[int]], list]:
-        client = Redis.from_url(url)
-        config = WorkerConfig(heartbeat_s=0.2, max_batch_size=1, replicas=2, pixel_budget=15_000)
-        worker = Worker(client, build, config, Recorder())
-        running = asyncio.create_task(worker.run())
-        try:
-            async with gateway(url) as inference:
-                tagging = asyncio.create_task(inference.tag([png(100, 100)] * 2))
-                await asyncio.sleep(1.0)
-                busy = [list(engine.sizes) for engine in engines]
-                release.set()
-                return busy, await tagging
-        finally:
-            release.set()
-            worker.stop()
-            await asyncio.wait_for(running, 10)
-            await client.aclose()
+        async with serving(url, held, Recorder(), max_batch_size=1, replicas=2, pixel_budget=15_000):
+            with held.let_go_at_the_end():
+                async with gateway(url) as inference:
+                    tagging = asyncio.create_task(inference.tag([png(100, 100)] * 2))
+                    await asyncio.sleep(1.0)
+                    busy = held.sizes()
+                    held.release.set()
+                    return busy, await tagging
 
     busy, results = asyncio.run(scenario())
     assert sorted(busy) == [[], [1]]  # one call in the models; the other waits for its pixels
