@@ -5,8 +5,7 @@ bounded queue with `collate`, hands each batch to an idle `ImageTagger` replica 
 thread of its own) for `predict`, and gives each job its own result. While batches run, the next collects. Jobs whose caller has gone, or whose
 deadline has passed, are dropped before they reach the models.
 
-Memory is bounded by pixels, not by request count: each job costs the pixels its decode holds
-(`image_header.decode_cost`, read from the header), and the batches in the models together never
+Memory is bounded by pixels (`inference.pixel_budget`): the batches in the models together never
 hold more than `pixel_budget`. A batch takes jobs in order while they fit; the first that does
 not waits, at the head of the line, for running batches to finish (its deadline still applies).
 An image that alone costs more than the whole budget is answered `ImageTooLarge` at once.
@@ -22,8 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from inference.client import DeadlineExceeded, ImageTagger, InferenceClosed, QueueFull, admission_deadline
-from inference.image_header import ModelInput, pixel_cost
+from inference.image_header import ModelInput
 from inference.memory import MemoryTrimmer
+from inference.pixel_budget import PixelBudget
 from inference.results import ImageTooLarge, ModelError, TagResult
 from inference.tasks import log_task_failure
 
@@ -145,8 +145,7 @@ class BatchingInference:
         self._running: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
-        self._pixels_free = config.pixel_budget or 0
-        self._pixels_freed = asyncio.Event()
+        self._budget = PixelBudget(config.pixel_budget, config.model_input)
         self._trimmer = MemoryTrimmer()
 
     @property
@@ -178,10 +177,10 @@ class BatchingInference:
         for image in images:
             future: asyncio.Future[TagResult] = loop.create_future()
             futures.append(future)
-            budget = self._config.pixel_budget
-            pixels = 0 if budget is None else pixel_cost(image, self._config.model_input)
-            if budget is not None and pixels > budget:
-                future.set_result(ImageTooLarge.over(pixels, budget))
+            try:
+                pixels = self._budget.cost(image)
+            except ImageTooLarge as refused:
+                future.set_result(refused)
                 continue
             self._pending.add(future)
             future.add_done_callback(self._pending.discard)
@@ -238,11 +237,8 @@ class BatchingInference:
     async def _within_budget(self, jobs: list[Job]) -> tuple[list[Job], list[Job]]:
         """The longest run of `jobs` that fits in the pixels free, waiting for running batches
         to free enough for the first; and the rest, which go first into the next batch."""
-        if self._config.pixel_budget is None:
-            return jobs, []
-        while jobs and jobs[0].pixels > self._pixels_free:
-            self._pixels_freed.clear()
-            await self._pixels_freed.wait()
+        while jobs and not self._budget.fits(jobs[0].pixels):
+            await self._budget.freed()
             now = time.monotonic()
             still: list[Job] = []
             for job in jobs:
@@ -250,9 +246,9 @@ class BatchingInference:
             jobs = still
         taken = 0
         for job in jobs:
-            if job.pixels > self._pixels_free:
+            if not self._budget.fits(job.pixels):
                 break
-            self._pixels_free -= job.pixels
+            self._budget.take(job.pixels)
             taken += 1
         return jobs[:taken], jobs[taken:]
 
@@ -274,9 +270,7 @@ class BatchingInference:
                 if not job.future.done():
                     job.future.set_result(result)
         finally:
-            if self._config.pixel_budget is not None:
-                self._pixels_free += sum(job.pixels for job in batch)
-                self._pixels_freed.set()
+            self._budget.give_back(sum(job.pixels for job in batch))
             self._idle.put_nowait(replica)
         waits = tuple(started - job.enqueued_at for job in batch)
         self._report(BatchStats(len(batch), waits, model_s, queue_depth))

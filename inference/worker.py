@@ -34,8 +34,9 @@ from redis.exceptions import RedisError, ResponseError
 
 from inference.batching import BatchStats
 from inference.client import DeadlineExceeded, ImageTagger
-from inference.image_header import ModelInput, pixel_cost
+from inference.image_header import ModelInput
 from inference.memory import MemoryTrimmer
+from inference.pixel_budget import PixelBudget
 from inference.remote import Channels, Job, blocking_budget, encode_result, parse_job
 from inference.results import ImageTooLarge, ModelError, TagResult, UndecodableImage
 from inference.tasks import as_text
@@ -100,7 +101,7 @@ class WorkerConfig:
     called once for each)."""
     pixel_budget: int | None = None
     """Pixels the worker's model calls may decode at once, all replicas together
-    (`inference.batching`'s budget); a round's jobs run in as many calls as that takes, and a call
+    (`inference.pixel_budget`); a round's jobs run in as many calls as that takes, and a call
     waits until the others leave it room. None: unbounded."""
     model_input: ModelInput = ModelInput()
 
@@ -131,8 +132,7 @@ class Worker:
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inference-{i}") for i in range(config.replicas)
         ]
         self._idle: asyncio.Queue[tuple[ImageTagger, ThreadPoolExecutor]] = asyncio.Queue()
-        self._pixels_free = config.pixel_budget or 0
-        self._pixels_freed = asyncio.Condition()
+        self._budget = PixelBudget(config.pixel_budget, config.model_input)
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._live_members = client.register_script(_LIVE_MEMBERS)
         self._block_ms = max(1, int(blocking_budget(client, 1.0) * 1000))
@@ -282,18 +282,16 @@ class Worker:
     ) -> list[tuple[list[Job], int]]:
         """`jobs` in order, in runs whose pixels fit the budget, each with its pixels; a job that
         alone needs more is answered `ImageTooLarge` in `replies` instead."""
-        budget = self._config.pixel_budget
-        if budget is None:
-            return [(jobs, 0)]
         parts: list[tuple[list[Job], int]] = []
         part: list[Job] = []
         used = 0
         for job in jobs:
-            pixels = pixel_cost(job.image, self._config.model_input)
-            if pixels > budget:
-                replies.append((job, ImageTooLarge.over(pixels, budget)))
+            try:
+                pixels = self._budget.cost(job.image)
+            except ImageTooLarge as refused:
+                replies.append((job, refused))
                 continue
-            if part and used + pixels > budget:
+            if part and not self._budget.holds(used + pixels):
                 parts.append((part, used))
                 part, used = [], 0
             part.append(job)
@@ -304,11 +302,7 @@ class Worker:
 
     async def _run_on_a_replica(self, jobs: list[Job], pixels: int) -> list[TagResult]:
         """The jobs' results from the first idle replica, once the budget has room for their pixels."""
-        budgeted = self._config.pixel_budget is not None
-        if budgeted:
-            async with self._pixels_freed:
-                await self._pixels_freed.wait_for(lambda: pixels <= self._pixels_free)
-                self._pixels_free -= pixels
+        await self._budget.take_when_free(pixels)
         try:
             engine, executor = await self._idle.get()
             try:
@@ -316,10 +310,7 @@ class Worker:
             finally:
                 self._idle.put_nowait((engine, executor))
         finally:
-            if budgeted:
-                async with self._pixels_freed:
-                    self._pixels_free += pixels
-                    self._pixels_freed.notify_all()
+            self._budget.give_back(pixels)
 
     def _predict(self, engine: ImageTagger, jobs: list[Job], pixels: int) -> list[TagResult]:
         try:
