@@ -85,6 +85,8 @@ class Point:
     server_cpu: float  # cores, every process of the configuration
     gateway_cpu_ms: float  # CPU the HTTP processes spent per image answered: N of them serve N / this images/s
     models_rss_mb: float  # the largest process holding the models
+    models_loop_cpu: float  # cores: that process's main thread, its event loop (HTTP embedded, Redis in a worker)
+    models_busiest_thread_cpu: float  # cores: its busiest thread; near 1 that thread, or the GIL, is the wall
     gateway_rss_mb: float  # the largest HTTP process
     generators: int
     generator_cpu: float  # the busiest load-generator process, in cores
@@ -204,27 +206,44 @@ def ceilings(report: Report, args: argparse.Namespace, env: dict[str, str]) -> N
               f"{peak})", flush=True)
 
 
+def thread_cpu_seconds(processes: list[psutil.Process]) -> dict[tuple[int, int], float]:
+    """CPU seconds of each thread of `processes`, by (pid, thread id); the main thread's id is the pid."""
+    seconds = {}
+    for process in processes:
+        try:
+            seconds |= {(process.pid, t.id): t.user_time + t.system_time for t in process.threads()}
+        except psutil.NoSuchProcess:
+            pass
+    return seconds
+
+
 def measure(config: str, service: Service, concurrency: int, args: argparse.Namespace, bodies: list[bytes],
             generators: LoadGenerators, gpu: GpuSampler) -> Point:
     generators.run(service.url, bodies, concurrency, args.warm_up)  # discarded
     with ProcessTree(service.processes) as tree, ProcessTree(service.models) as models, \
             ProcessTree(service.gateways) as gateways:
+        models_processes = [psutil.Process(p.pid) for p in service.models]
         cpu_before, gateway_before, started = tree.cpu_seconds(), gateways.cpu_seconds(), time.monotonic()
+        threads_before = thread_cpu_seconds(models_processes)
         load = generators.run(service.url, bodies, concurrency, args.duration)
+        threads = {key: seconds - threads_before.get(key, 0.0)
+                   for key, seconds in thread_cpu_seconds(models_processes).items()}
         cpu = (tree.cpu_seconds() - cpu_before) / load.elapsed_s
+        loop_cpu = max((seconds for (pid, tid), seconds in threads.items() if pid == tid), default=0.0)
         gateway_cpu_ms = 1000 * (gateways.cpu_seconds() - gateway_before) / max(1, len(load.latencies))
         util_mean, util_max, gpu_memory = gpu.between(started, time.monotonic())
     point = Point(config, concurrency, len(load.latencies) / load.elapsed_s, load.percentile_ms(0.5),
                   load.percentile_ms(0.99), len(load.latencies) + load.errors, load.errors, cpu, gateway_cpu_ms,
-                  models.peak_process_rss / 2**20, gateways.peak_process_rss / 2**20, len(load.generator_cpu),
-                  max(load.generator_cpu), util_mean, util_max, gpu_memory)
+                  models.peak_process_rss / 2**20, loop_cpu / load.elapsed_s,
+                  max(threads.values(), default=0.0) / load.elapsed_s, gateways.peak_process_rss / 2**20,
+                  len(load.generator_cpu), max(load.generator_cpu), util_mean, util_max, gpu_memory)
     print("  " + ", ".join(f"{name} {value}" for name, value in zip(HEADER, row(point))), flush=True)
     return point
 
 
 HEADER = ["configuration", "c", "images/s", "p50 ms", "p99 ms", "requests", "errors", "server CPU",
-          "gateway CPU ms/image", "models RSS MB", "gateway RSS MB", "client processes (busiest CPU)",
-          "GPU util % mean/max", "GPU MB"]
+          "gateway CPU ms/image", "models RSS MB", "models loop / busiest thread, cores", "gateway RSS MB",
+          "client processes (busiest CPU)", "GPU util % mean/max", "GPU MB"]
 
 
 def row(p: Point) -> list[str]:
@@ -232,7 +251,8 @@ def row(p: Point) -> list[str]:
     memory = f"{p.gpu_memory_mb:.0f}" if p.gpu_memory_mb is not None else "-"
     return [p.config, str(p.concurrency), f"{p.images_per_s:.1f}", f"{p.p50_ms:.1f}", f"{p.p99_ms:.1f}",
             str(p.requests), str(p.errors), f"{p.server_cpu:.2f}", f"{p.gateway_cpu_ms:.1f}", f"{p.models_rss_mb:.0f}",
-            f"{p.gateway_rss_mb:.0f}", f"{p.generators} ({p.generator_cpu:.2f})", util, memory]
+            f"{p.models_loop_cpu:.2f} / {p.models_busiest_thread_cpu:.2f}", f"{p.gateway_rss_mb:.0f}",
+            f"{p.generators} ({p.generator_cpu:.2f})", util, memory]
 
 
 def best(ceilings: list[Ceiling], stage: str) -> Ceiling | None:
@@ -296,6 +316,12 @@ def check_targets(report: Report, service_configs: list[str]) -> list[Target]:
                               f"busiest {busiest.generator_cpu:.2f} cores ({busiest.config}, concurrency "
                               f"{busiest.concurrency}, {busiest.generators} processes)",
                               busiest.generator_cpu < SATURATED_CPU))
+    if service:
+        loop = max(service, key=lambda p: p.models_busiest_thread_cpu)
+        targets.append(Target("the busiest thread of the models' process (no target; near one core, it or the "
+                              "GIL is the wall)",
+                              f"{loop.models_busiest_thread_cpu:.2f} cores, the event loop {loop.models_loop_cpu:.2f} "
+                              f"({loop.config}, concurrency {loop.concurrency})", None))
     memory = [p.gpu_memory_mb for p in report.points if p.gpu_memory_mb is not None]
     memory += [c.peak_gpu_mb for c in report.ceilings if c.peak_gpu_mb is not None]
     if memory:
