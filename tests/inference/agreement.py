@@ -61,7 +61,7 @@ def borderline_boxes(found: list[Box], expected: list[Box], threshold: float, to
             alone.append(box)
             continue
         unmatched.remove(match)
-        assert box.confidence == pytest.approx(match.confidence, abs=tolerance.score), box
+        assert box.confidence == pytest.approx(match.confidence, abs=tolerance.score), f"{box} against {match}"
     for box in unmatched:
         assert box.confidence < threshold + tolerance.score, f"missing {box}"
     return alone + unmatched
@@ -79,8 +79,8 @@ def assert_same_tags(
     want = {t.tag.key: t.confidence for t in expected}
     keys = {k for k, c in got.items() if c > TAG_FLOOR} | {k for k, c in want.items() if c > TAG_FLOOR}
     for key in sorted(keys - excused):
-        assert key in got and key in want, key
-        assert got[key] == pytest.approx(want[key], abs=tolerance.tag), key
+        assert key in got and key in want, f"tag {key}: {got.get(key)} against {want.get(key)} expected"
+        assert got[key] == pytest.approx(want[key], abs=tolerance.tag), f"tag {key}: {got[key]} against {want[key]}"
 
 
 def assert_same_answers(
