@@ -7,8 +7,8 @@ classifier's crop and resize and the detector's letterbox made there; both model
 batch (half precision on CUDA); NMS there over the whole batch; one transfer back for fusion.
 
 Stalls it avoids: every new input shape costs each convolution a cuDNN execution plan (built once
-per shape, then cached), so batches run only at bucketed sizes (1, 2, 4, ... up to `max_batch`,
-padded with blank images) and at three letterbox shapes, and `warm_up()` runs every bucket at
+per shape, then cached), so batches run only at bucketed sizes (`bucket_sizes`: 1, 2, 4, 8, then
+every eighth of `max_batch`, padded with blank images) and at three letterbox shapes, and `warm_up()` runs every bucket at
 every shape once at start. A batch that fails is logged and counted before its images are
 retried one by one, so it shows up as an error, not as slowness.
 
@@ -66,13 +66,20 @@ T = TypeVar("T")
 
 
 def bucket_sizes(max_batch: int) -> tuple[int, ...]:
-    """Powers of two up to `max_batch`, and `max_batch` itself."""
-    sizes = [1]
-    while sizes[-1] * 2 < max_batch:
-        sizes.append(sizes[-1] * 2)
-    if max_batch > 1:
-        sizes.append(max_batch)
-    return tuple(sizes)
+    """Powers of two below a step of an eighth of `max_batch` (at least 8), then every step, and
+    `max_batch` itself: (1, 2, 4, 8, 16, 24, ..., 64) for 64.
+
+    Fine steps because a GPU worker's rounds are rarely full below its top load: holding three
+    rounds, at 128 requests in flight it reads about 43 images a round, which powers of two pad to
+    64 rows for both models and eighths to 48. Each size is one more shape to warm at start."""
+    step = max(8, max_batch // 8)
+    sizes = []
+    size = 1
+    while size < min(step, max_batch):
+        sizes.append(size)
+        size *= 2
+    sizes += range(step, max_batch, step)
+    return (*sizes, max_batch)
 
 
 def bucket_for(count: int, buckets: tuple[int, ...]) -> int:

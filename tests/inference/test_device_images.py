@@ -159,11 +159,15 @@ def test_large_images_shrink_and_centre_with_ultralytics_rounding():
     assert placement.to_image(*box.tolist()[0]) == pytest.approx(expected, abs=1e-3)
 
 
-def test_buckets_are_powers_of_two_up_to_the_largest():
-    assert bucket_sizes(64) == (1, 2, 4, 8, 16, 32, 64)
-    assert bucket_sizes(48) == (1, 2, 4, 8, 16, 32, 48)
+def test_buckets_are_powers_of_two_then_eighths_of_the_largest():
+    assert bucket_sizes(64) == (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64)
+    assert bucket_sizes(128) == (1, 2, 4, 8, 16, 32, 48, 64, 80, 96, 112, 128)
+    assert bucket_sizes(48) == (1, 2, 4, 8, 16, 24, 32, 40, 48)
+    assert bucket_sizes(16) == (1, 2, 4, 8, 16)
+    assert bucket_sizes(6) == (1, 2, 4, 6)
     assert bucket_sizes(1) == (1,)
     assert [bucket_for(n, bucket_sizes(8)) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    assert [bucket_for(n, bucket_sizes(64)) for n in (9, 43, 57)] == [16, 48, 64]
 
 
 @pytest.mark.parametrize(
