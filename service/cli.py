@@ -319,11 +319,11 @@ async def _tag_files(files: list[Path], options: TaggingOptions, settings: Setti
     started = time.monotonic()
     # A second model replica pays only when there is a second batch to run beside the first.
     # Remote, the batches are the workers': this only bounds how many files are sent at once.
-    local = settings.inference == "local"
-    batch_size = model_batch_size(settings) if local else settings.batch_max_size or CPU_BATCH_SIZE
+    remote = settings.inference == "remote"
+    batch_size = (settings.batch_max_size or CPU_BATCH_SIZE) if remote else model_batch_size(settings)
     replicas = min(settings.model_replicas, -(-len(files) // batch_size))
     settings = settings.model_copy(update={"model_replicas": replicas})
-    redis = redis_client(settings) if settings.inference == "remote" else None
+    redis = redis_client(settings) if remote else None
     inference = build_inference(settings, redis)
     try:
         try:
