@@ -8,25 +8,28 @@
    bytes in memory (the in-process pipeline ceiling);
 2. the service over HTTP at each concurrency: `embedded` (`imagetag serve`, the models in the
    process) and `N gateways` (`imagetag serve --processes N` with `IMAGETAG_INFERENCE=remote`,
-   one `imagetag worker`, a redis-server of its own); a closed loop of base64 photos from
-   `tests/photos`, split over as many load-generator processes as it takes (`--generators`),
-   each reporting its CPU so that a saturated client shows;
+   one `imagetag worker`, or with `--workers 2` two sharing the GPU, a redis-server of their
+   own); a closed loop of base64 photos from `tests/photos`, split over as many load-generator
+   processes as it takes (`--generators`), each reporting its CPU so that a saturated client
+   shows;
 3. the naive app (`naive_app.py`) at a few concurrencies.
 
 Sampled throughout: GPU utilisation and memory (NVML, else `nvidia-smi`; absent on a CPU), the
 resident memory of the process holding the models and of each gateway process, the CPU of the
-server, of its HTTP processes per image answered (for `embedded` that includes the models) and of
-the load generators. Prints a table and the targets met or missed, and writes
-`results/gpu_benchmark.json` and `.md` under `load-tests/` (or `--out`), after every part, so that
-a run cut short leaves what it measured. A full run should take about 6 minutes on one H200 with
-16 cores (an estimate: none has run there yet), and `--budget` skips the points left past it;
-`--quick` takes about 90 s on the 2-core development machine. README "On a GPU" has the command
-for the lent machine, with `gpu_carry.sh` to prepare what it lacks.
+server, of its HTTP processes per image answered (for `embedded` that includes the models), of
+the load generators, and of the models' process's event loop and busiest thread. Prints a table
+and the targets met or missed, and writes `results/gpu_benchmark.json` and `.md` under
+`load-tests/` (or `--out`), after every part, so that a run cut short leaves what it measured. A
+full run should take about 6 minutes on one H200 with 16 cores (the second try there, with fewer
+points, took 153 s), and `--budget` skips the points left past it; `--quick` takes about 55 s on
+the 2-core development machine. README "On a GPU" has the command for the lent machine, with
+`gpu_carry.sh` to prepare what it lacks.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import shutil
@@ -371,6 +374,10 @@ def main() -> int:
     parser.add_argument("--gateway-processes", type=int, nargs="+",
                         help="one `gateways` configuration for each (default half the cores, at least 2: today a "
                         "gateway spends about 10 ms of CPU per image)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1],
+                        help="`imagetag worker` processes behind the gateways, one `gateways` configuration for each "
+                        "count (default 1: one worker, its replicas on threads; 2 or more share the GPU as processes, "
+                        "one replica each, should the models' process be bound by its GIL)")
     parser.add_argument("--generators", type=int,
                         help="load-generator processes, at most the concurrency (default a quarter of the cores)")
     parser.add_argument("--redis-server", default=shutil.which("redis-server"), help="for `gateways`")
@@ -419,9 +426,10 @@ def main() -> int:
                 report.notes.append("no redis-server (give --redis-server PATH): the gateways configuration was "
                                     "not measured")
             else:
-                for n in args.gateway_processes:
-                    configs.append((f"{n} gateways", args.concurrency, lambda workdir, env, n=n: serve_with_workers(
-                        workdir, env, workers=1, gateway_processes=n, redis_server=args.redis_server)))
+                for n, workers in itertools.product(args.gateway_processes, args.workers):
+                    name = f"{n} gateways" + (f", {workers} workers" if workers > 1 else "")
+                    configs.append((name, args.concurrency, lambda workdir, env, n=n, workers=workers: serve_with_workers(
+                        workdir, env, workers=workers, gateway_processes=n, redis_server=args.redis_server)))
         bodies = request_bodies()
         with tempfile.TemporaryDirectory() as scratch:
             for name, concurrencies, start in configs:
