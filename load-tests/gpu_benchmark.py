@@ -372,8 +372,8 @@ def main() -> int:
     parser.add_argument("--configs", nargs="+", default=["embedded", "gateways", "naive"],
                         choices=["embedded", "gateways", "naive"])
     parser.add_argument("--gateway-processes", type=int, nargs="+",
-                        help="one `gateways` configuration for each (default half the cores, at least 2: today a "
-                        "gateway spends about 10 ms of CPU per image)")
+                        help="one `gateways` configuration for each (default half the cores, at least 2: a gateway "
+                        "spent 4-5.5 ms of CPU an image on the H200's host)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1],
                         help="`imagetag worker` processes behind the gateways, one `gateways` configuration for each "
                         "count (default 1: one worker, its replicas on threads; 2 or more share the GPU as processes, "
