@@ -9,8 +9,8 @@ batch (half precision on CUDA); NMS there over the whole batch; one transfer bac
 Stalls it avoids: every new input shape costs each convolution a cuDNN execution plan (built once
 per shape, then cached), so batches run only at bucketed sizes (`bucket_sizes`: 1, 2, 4, 8, then
 every eighth of `max_batch`, padded with blank images) and at three letterbox shapes, and
-`warm_up()` runs every bucket at every shape once at start. A batch that fails is logged and counted before its images are
-retried one by one, so it shows up as an error, not as slowness.
+`warm_up()` runs every bucket at every shape once at start. A batch that fails is logged and
+counted before its images are retried one by one, so it shows up as an error, not as slowness.
 
 A pipeline serves one thread. `replica()` gives another over the same weights for another
 thread, with its own detector copy and CUDA stream, so that one replica's CPU work (decode
