@@ -35,6 +35,7 @@ import copy
 import dataclasses
 import io
 import logging
+import time
 from collections.abc import Sequence
 from typing import NamedTuple, TypeVar
 
@@ -240,9 +241,11 @@ class DevicePipeline:
         """The engine's models behind a pipeline, every bucket warmed."""
         engine = TaggingEngine.build(config, failed_batches, warm=False)
         pipeline = cls(engine, max_batch, failed_batches, side_limits=side_limits)
+        started = time.monotonic()
         pipeline.warm_up()
         padding = f", padded to {', '.join(map(str, pipeline.buckets))}" if pipeline.pad_to_buckets else ""
-        log.info("serving on %s: batches of up to %d images%s", pipeline.device, max_batch, padding)
+        log.info("serving on %s: batches of up to %d images%s; warmed in %.1f s", pipeline.device, max_batch, padding,
+                 time.monotonic() - started)
         return pipeline
 
     def replica(self) -> DevicePipeline | None:
