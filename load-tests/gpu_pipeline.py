@@ -306,7 +306,7 @@ def first_time_shape_ms(engine: TaggingEngine, network: YoloNetwork, device: tor
     first call against the same call again: what a new shape costs (its convolutions' cuDNN
     plans, lazily loaded kernels), the suspected cause of the service's old collapse."""
     classifier_input = torch.randn(3, 3, INPUT_SIZE + 4, INPUT_SIZE + 4, device=device)
-    letterboxed = torch.full((3, 3, 544, 640), 114, dtype=torch.uint8, device=device)
+    letterboxed = torch.full((3, 3, 544, 640), LETTERBOX_GREY, dtype=torch.uint8, device=device)
     timings = []
     for _ in range(2):
         torch.cuda.synchronize(device)
