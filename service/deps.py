@@ -4,6 +4,9 @@ Credentials are checked from the request head before the body is read (a signatu
 itself), the body is read before the rate limits count the request, and only then is it parsed:
 a caller without valid credentials never has its body buffered or parsed. Concurrency slots are
 taken later, where the work is (`service.tagging`).
+
+Every dependency here and in the routes is `async def`, even one that awaits nothing: FastAPI runs
+a plain `def` dependency on its thread pool, a thread hop per request for a lookup.
 """
 
 from __future__ import annotations
@@ -122,7 +125,7 @@ def _short(number: str) -> str:
     return number
 
 
-def path_project(request: Request) -> str | None:
+async def path_project(request: Request) -> str | None:
     project_id = request.path_params.get("project_id")
     if project_id is None:
         return None
@@ -139,7 +142,7 @@ def path_project(request: Request) -> str | None:
 PathProject = Annotated[str | None, Depends(path_project)]
 
 
-def client_host(request: Request) -> str | None:
+async def client_host(request: Request) -> str | None:
     """The client's address: the peer's, or behind IMAGETAG_TRUSTED_PROXIES the one they forward."""
     peer = request.client.host if request.client else None
     proxies = request.app.state.settings.proxy_networks()

@@ -19,6 +19,7 @@ Times are epoch seconds; an unset rate limit is "".
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis

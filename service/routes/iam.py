@@ -16,7 +16,7 @@ from service.protocol.iam import MAX_TOKEN_REQUEST_BYTES, ProjectList, TokenRequ
 router = APIRouter(tags=["IAM"])
 
 
-def iam_service(request: Request) -> IamService:
+async def iam_service(request: Request) -> IamService:
     if request.app.state.iam is None:
         raise InvalidParameter("IAM is disabled (IMAGETAG_AUTH_MODE=none)")
     return request.app.state.iam

@@ -40,7 +40,7 @@ async def batch_request(
     return images
 
 
-def tagging_service(request: Request) -> TaggingService:
+async def tagging_service(request: Request) -> TaggingService:
     return request.app.state.tagging
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from fastapi.routing import APIRoute
 from starlette.requests import Request
 
 from service.deps import ReceivedBody, incoming, json_object, request_body
@@ -146,3 +148,31 @@ def test_what_a_request_holds_is_within_the_bounds():
     assert json_object(ReceivedBody.of(request))["limit"] == 150
     assert json_object(ReceivedBody.of(b'{"a": ' + nested(900) + b"}"))["a"]  # deep, within the parser's reach
     assert json_object(ReceivedBody.of(b'{"url": "http://a/' + b"," * 9_990 + b'"}'))  # inside strings count too
+
+
+def test_every_route_and_dependency_runs_on_the_event_loop(tmp_path):
+    # A plain `def` would run on FastAPI's thread pool: a thread hop per request, paid by every
+    # gateway at GPU rates.
+    def api_routes(routes):
+        for route in routes:
+            if isinstance(route, APIRoute):
+                yield route
+            # FastAPI 0.165 keeps an included router whole, behind a wrapper
+            included = getattr(route, "original_router", None)
+            if included is not None:
+                yield from api_routes(included.routes)
+
+    def calls(dependant):
+        yield dependant.call
+        for dependency in dependant.dependencies:
+            yield from calls(dependency)
+
+    routes = list(api_routes(build_app(tmp_path).routes))
+    assert {"/v2/{project_id}/image/tagging", "/v3/auth/tokens", "/metrics"} <= {route.path for route in routes}
+    on_threads = {
+        f"{route.path}: {call.__qualname__}"
+        for route in routes
+        for call in calls(route.dependant)
+        if not inspect.iscoroutinefunction(call)
+    }
+    assert not on_threads

@@ -64,8 +64,12 @@ def test_base64_forms():
     assert decode_base64(b64, 10**7) == raw
     assert decode_base64(b64.rstrip("="), 10**7) == raw  # missing padding
     assert decode_base64("data:image/png;base64," + b64, 10**7) == raw
-    with pytest.raises(InvalidParameter):
-        decode_base64(b64[:-3] + "!!!", 10**7)
+    mime_lines = "\r\n".join(b64[i:i + 76] for i in range(0, len(b64), 76))
+    assert decode_base64(mime_lines, 10**7) == raw
+    assert decode_base64(mime_lines.rstrip("="), 10**7) == raw
+    for broken in (b64[:-3] + "!!!", b64[:-3] + "é==", b64.replace("+", "-")):
+        with pytest.raises(InvalidParameter):
+            decode_base64(broken, 10**7)
     with pytest.raises(ImageSizeInvalid):
         decode_base64(b64, 10)
 
