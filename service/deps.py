@@ -44,7 +44,7 @@ class ReceivedBody:
 
     data: bytes
     json_commas: int
-    """A bound on the values it can hold as JSON."""
+    """With the parser's depth limit, a bound on the values it can hold as JSON."""
     sha256: str | None = None
     """Hex, when a signature asked for it."""
 
