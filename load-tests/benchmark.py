@@ -132,8 +132,8 @@ class ProcessTree:
         self._sampler.join()
 
 
-def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(args, env={**os.environ, **env}, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+def spawn(args: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
+    return subprocess.Popen(args, env={**os.environ, **env}, cwd=cwd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
 def wait_ready(url: str, processes: list[subprocess.Popen], timeout_s: float = 240) -> None:

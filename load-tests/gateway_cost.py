@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import statistics
 import subprocess
 import sys
@@ -34,10 +33,7 @@ from redis.asyncio import Redis
 
 from benchmark import PHOTOS, REPO, LoadGenerators, ProcessTree, free_port, request_bodies, service_env, spawn, stop, \
     wait_ready
-from worker_loop import AnswersComputedBefore
-
-sys.path.insert(0, str(REPO))
-from inference.worker import Worker, WorkerConfig  # noqa: E402
+from worker_loop import AnswersComputedBefore, answering_from
 
 
 class WorkerThread:
@@ -50,8 +46,7 @@ class WorkerThread:
     async def _serve(self, url: str, engine: AnswersComputedBefore, batch: int) -> None:
         client = Redis.from_url(url)
         self._loop = asyncio.get_running_loop()
-        self._worker = Worker(client, lambda: engine, WorkerConfig(max_batch_size=batch, replicas=2, models="m",
-                                                                   pixel_budget=24_000_000))
+        self._worker = answering_from(engine, client, batch)
         self._ready.set()
         await self._worker.run()
         await client.aclose()
@@ -103,10 +98,9 @@ def main() -> None:
         gateways: dict[str, tuple[str, subprocess.Popen]] = {}
         for name, tree in sources.items():
             port = free_port()
-            gateways[name] = (f"http://127.0.0.1:{port}", subprocess.Popen(
+            gateways[name] = (f"http://127.0.0.1:{port}", spawn(
                 [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--processes", "1"],
-                cwd=tree, env={**os.environ, **env, "PYTHONPATH": str(tree)},
-                stdout=(workdir / f"{len(gateways)}.log").open("wb"), stderr=subprocess.STDOUT))
+                {**env, "PYTHONPATH": str(tree)}, workdir / f"gateway{len(gateways)}.log", cwd=tree))
         try:
             time.sleep(0.5)
             with WorkerThread(redis_url, engine, args.batch), LoadGenerators(args.generators) as generators:
@@ -132,6 +126,7 @@ def main() -> None:
                     print(f"{name:>12}: median {statistics.median(figures):.2f} ms of gateway CPU a request")
         finally:
             stop([gateway for _, gateway in gateways.values()] + [redis])
+
 
 if __name__ == "__main__":
     main()

@@ -46,11 +46,16 @@ class AnswersComputedBefore:
         return [self._answers[image] for image in images]
 
 
+def answering_from(engine: AnswersComputedBefore, client: Redis, batch: int) -> Worker:
+    """A real worker, two replicas as a GPU worker runs, that answers from `engine`."""
+    return Worker(client, lambda: engine, WorkerConfig(max_batch_size=batch, replicas=2, models="m",
+                                                       pixel_budget=24_000_000))
+
+
 async def measure(url: str, engine: AnswersComputedBefore, photos: list[bytes], jobs: int, batch: int) -> None:
     channels = Channels()
     client = Redis.from_url(url)
-    worker = Worker(client, lambda: engine, WorkerConfig(max_batch_size=batch, replicas=2, models="m",
-                                                         pixel_budget=24_000_000))
+    worker = answering_from(engine, client, batch)
     serving = asyncio.create_task(worker.run())
     reply_to = channels.reply_key("loop")
 
